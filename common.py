@@ -1,0 +1,247 @@
+"""Plumbing shared by every stage script: config CLI, output paths, device / DDP setup, autocast,
+the learning-rate schedule and the optimizer. Nothing here is an algorithm; the algorithms live in
+the stage scripts that use them.
+
+Config CLI (every stage): each script declares a `Config` dataclass with the defaults of the `tiny`
+preset and a `PRESETS` dict of overrides per preset. On the command line:
+
+    python stage.py --preset small --out_dir out/exp1 --lr=3e-4 --compile=true
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+
+
+def die(msg):
+    """A clear one-line error for bad input, then exit(2)."""
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+# ----------------------------------------------------------------------------- config CLI
+
+def _parse_value(text, default, name):
+    """Parse a --name=value string into the type of the field's default."""
+    kind = type(default)
+    try:
+        if isinstance(default, bool):
+            low = text.lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(text)
+        if default is None:  # untyped optional: guess
+            for cast in (int, float):
+                try:
+                    return cast(text)
+                except ValueError:
+                    pass
+            return None if text.lower() == "none" else text
+        if isinstance(default, (list, tuple)):
+            items = [s for s in text.split(",") if s != ""]
+            inner = type(default[0]) if default else str
+            return kind(inner(s) for s in items)
+        return kind(text)
+    except ValueError:
+        die(f"--{name}={text}: expected a {kind.__name__}")
+
+
+def parse_config(config_cls, presets, argv=None, description=None, extra_args=None):
+    """Build a config from `--preset`, `--out_dir` and `--name=value` overrides.
+
+    Returns (config, args): `args` holds `preset`, `out_dir` (a Path, default out/<preset>) and any
+    `extra_args` the script registered (a callable taking the ArgumentParser).
+    """
+    fields = {f.name: f for f in dataclasses.fields(config_cls)}
+    defaults = config_cls()
+    epilog = "config fields (override with --name=value; tiny defaults shown):\n" + "\n".join(
+        f"  --{n}={getattr(defaults, n)!r}" for n in fields)
+    parser = argparse.ArgumentParser(description=description, epilog=epilog,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="tiny", choices=sorted(presets),
+                        help="size preset: tiny (CPU, minutes) or small (one GPU)")
+    parser.add_argument("--out_dir", default=None, help="stage outputs and inputs (default out/<preset>)")
+    if extra_args:
+        extra_args(parser)
+    args, rest = parser.parse_known_args(argv)
+    overrides = {}
+    for item in rest:
+        if not item.startswith("--"):
+            parser.error(f"unrecognized argument {item!r} (config overrides are --name=value)")
+        name, text = item[2:].split("=", 1) if "=" in item else (item[2:], None)
+        name = name.replace("-", "_")
+        if text is None:  # a bare --flag sets a boolean field
+            if not isinstance(getattr(defaults, name, None), bool):
+                parser.error(f"--{name} needs a value (--{name}=...)")
+            text = "true"
+        if name not in fields:
+            parser.error(f"unknown config field --{name} (see --help for the list)")
+        overrides[name] = text
+    values = dict(presets[args.preset])
+    for name, text in overrides.items():
+        default = values.get(name, getattr(defaults, name))
+        values[name] = _parse_value(text, default, name)
+    config = config_cls(**values)
+    args.out_dir = Path(args.out_dir) if args.out_dir else ROOT / "out" / args.preset
+    return config, args
+
+
+def update_results(out_dir, update):
+    """Deep-merge `update` into out_dir/results.json (the run's summary, DESIGN.md), atomically."""
+    path = Path(out_dir) / "results.json"
+    results = json.loads(path.read_text()) if path.exists() else {}
+
+    def merge(dst, src):
+        for k, v in src.items():
+            if isinstance(v, dict) and isinstance(dst.get(k), dict):
+                merge(dst[k], v)
+            else:
+                dst[k] = v
+    merge(results, update)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(results, indent=2) + "\n")
+    os.replace(tmp, path)
+    return results
+
+
+def require(path, hint):
+    """Exit with a one-line error if an input file another stage should have written is missing."""
+    path = Path(path)
+    if not path.exists():
+        die(f"{path} not found: {hint}")
+    return path
+
+
+# ----------------------------------------------------------------------------- device, DDP, autocast
+
+@dataclasses.dataclass
+class Runtime:
+    device: str
+    ddp: bool
+    rank: int
+    local_rank: int
+    world_size: int
+    master: bool
+    autocast: object  # a context manager factory
+
+    def ctx(self):
+        return self.autocast()
+
+
+def setup_runtime(device="auto", dtype="auto", seed=1337):
+    """Pick the device, start DDP under torchrun (gloo on CPU, nccl on CUDA) and build the autocast
+    context: bf16 on CUDA, plain fp32 on CPU."""
+    import torch
+    import torch.distributed as dist
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    rank, local_rank, world_size = 0, 0, 1
+    if ddp:
+        rank = int(os.environ["RANK"])
+        local_rank = int(os.environ["LOCAL_RANK"])
+        world_size = int(os.environ["WORLD_SIZE"])
+        if device.startswith("cuda"):
+            device = f"cuda:{local_rank}"
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    if device == "cpu" and "OMP_NUM_THREADS" not in os.environ:  # one thread per core, split among ranks
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    torch.manual_seed(seed + rank)
+    if device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if dtype == "auto":
+        dtype = "bfloat16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
+    if dtype == "float32":
+        autocast = nullcontext
+    else:
+        pt = {"bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+        autocast = lambda: torch.autocast(device_type="cuda" if "cuda" in device else "cpu", dtype=pt)
+    return Runtime(device, ddp, rank, local_rank, world_size, rank == 0, autocast)
+
+
+def cleanup_runtime(rt):
+    if rt.ddp:
+        import torch.distributed as dist
+        dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------- optimisation
+
+def lr_at(step, max_lr, warmup, total, min_ratio=0.1):
+    """Linear warmup to max_lr, then cosine decay to min_ratio * max_lr at `total`."""
+    if step < warmup:
+        return max_lr * (step + 1) / warmup
+    if step >= total:
+        return max_lr * min_ratio
+    progress = (step - warmup) / max(1, total - warmup)
+    return max_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def make_optimizer(model, lr, weight_decay, betas=(0.9, 0.95), device="cpu"):
+    """AdamW with weight decay on matrices (dim >= 2) only: not on biases, norms or gains."""
+    import torch
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    fused = device.startswith("cuda")
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
+
+
+def set_lr(optimizer, lr):
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+
+
+# ----------------------------------------------------------------------------- pretraining data
+
+def load_code_tokens(code_dir, split):
+    """The tokenized code corpus (data/code.py --tokenize) as a read-only memmap."""
+    import numpy as np
+    code_dir = Path(code_dir)
+    path = require(code_dir / f"{split}.bin", "run `python data/code.py` and its --tokenize step first")
+    meta_path = code_dir / "meta.json"
+    dtype = json.loads(meta_path.read_text()).get("dtype", "uint16") if meta_path.exists() else "uint16"
+    return np.memmap(path, dtype=np.dtype(dtype), mode="r")
+
+
+def get_batch(tokens, batch_size, block_size, generator, device="cpu"):
+    """Random windows of block_size + 1 tokens: inputs x and next-token targets y."""
+    import numpy as np
+    import torch
+    ix = torch.randint(len(tokens) - block_size - 1, (batch_size,), generator=generator).tolist()
+    xy = torch.from_numpy(np.stack([tokens[i:i + block_size + 1].astype(np.int64) for i in ix]))
+    x, y = xy[:, :-1], xy[:, 1:]
+    if str(device).startswith("cuda"):
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
+
+
+def code_loss(model, tokens, batch_size, block_size, iters, device="cpu", ctx=nullcontext, seed=0):
+    """Mean LM loss over `iters` fixed random batches of held-out code (same batches every call,
+    so numbers are comparable across checkpoints: the alignment tax is measured with this)."""
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    losses = []
+    with torch.no_grad():
+        for _ in range(iters):
+            x, y = get_batch(tokens, batch_size, block_size, g, device)
+            with ctx():
+                _, loss = model(x, y)
+            losses.append(loss.item())
+    model.train(was_training)
+    return sum(losses) / len(losses)

