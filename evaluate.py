@@ -315,6 +315,32 @@ def sample_main(cfg, args):
     return summary
 
 
+# ----------------------------------------------------------------------------- results table
+
+def results_table(results):
+    """The README's table (markdown) from a run.sh results.json."""
+    lines = ["| model | pass@1 | pass@10 | held-out code loss | KL to SFT | RM score | pick by RM | pick by mean log-p | oracle |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    fmt = lambda v: "" if v is None else f"{v:.3f}"  # noqa: E731
+    for name, m in results.get("models", {}).items():
+        pick = m.get("pick", {})
+        lines.append(f"| {name} | {fmt(m.get('pass@1'))} | {fmt(m.get('pass@10'))} | {fmt(m.get('val_loss'))} "
+                     f"| {fmt(m.get('kl'))} | {fmt(m.get('rm_score'))} | {fmt(pick.get('rm_score'))} "
+                     f"| {fmt(pick.get('mean_logprob'))} | {fmt(pick.get('oracle'))} |")
+    tok = results.get("tokenizer")
+    if tok:
+        lines.append(f"\nTokenizer: vocab {tok['vocab_size']}, {tok['bytes_per_token']:.2f} bytes/token on held-out "
+                     f"code ({tok['bytes_per_token_no_ws']:.2f} without the whitespace-run tokens).")
+    rm = results.get("reward_model")
+    if rm:
+        lines.append(f"Reward model: held-out pairwise accuracy {rm['val_accuracy']:.3f} "
+                     f"({rm['n_comparisons']} comparisons).")
+    sec = results.get("seconds")
+    if sec:
+        lines.append("Seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in sec.items()) + ".")
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------- CLI
 
 @dataclasses.dataclass
@@ -343,6 +369,7 @@ def add_args(parser):
     parser.add_argument("--workers", type=int, default=None,
                         help="parallel sandbox workers (default: cpu count)")
     parser.add_argument("--frac", action="store_true", help="also record the fraction of asserts passed")
+    parser.add_argument("--table", metavar="RESULTS_JSON", help="print run.sh's results as a markdown table")
     parser.add_argument("--ckpt", help="sample completions from this checkpoint (then score them)")
     parser.add_argument("--rm", help="with --ckpt: a reward model checkpoint, to pick one of n by RM score")
     parser.add_argument("--model_name", help="with --ckpt: record pass@k and val_loss as models.NAME in "
@@ -351,6 +378,11 @@ def add_args(parser):
 
 def main(argv=None):
     config, args = common.parse_config(Config, PRESETS, argv, description=__doc__, extra_args=add_args)
+    if args.table:
+        import json
+        common.require(args.table, "run `bash run.sh` first")
+        print(results_table(json.loads(Path(args.table).read_text())))
+        return None
     if args.samples and args.ckpt:
         common.die("give either --samples (score existing completions) or --ckpt (sample, then score)")
     if args.samples:

@@ -10,6 +10,9 @@ OUT=out/$PRESET
 # glibc: keep big freed blocks for reuse instead of returning them to the OS; fresh pages are what
 # makes CPU training slow here (logits tensors are allocated every step).
 export MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=68719476736
+# OpenMP threads sleep instead of spinning while they wait: with anything else running on a small
+# CPU, spinning threads made every stage several times slower here.
+export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 mkdir -p "$OUT"
 rm -f "$OUT/results.json"
 python -c "import common, sys; common.update_results(sys.argv[1], {'preset': sys.argv[2]})" "$OUT" "$PRESET"
@@ -65,3 +68,4 @@ from pathlib import Path
 common.update_results(sys.argv[1], {"seconds": {"total": float(sys.argv[2])}})
 print(json.dumps(json.loads((Path(sys.argv[1]) / "results.json").read_text()), indent=2))
 PY
+python evaluate.py --table "$OUT/results.json"

