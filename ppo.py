@@ -49,9 +49,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import common
+from evaluate import STOP
 from model import generate, load_checkpoint, save_checkpoint
 from reward import score_samples
-from sft import STOP, load_problems, tokenizer_ids
+from sft import load_problems, tokenizer_ids
 
 
 @dataclass

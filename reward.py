@@ -31,7 +31,8 @@ from tqdm import tqdm
 
 import common
 from model import load_checkpoint, save_checkpoint, score_sequences
-from sft import load_problems, sample_completions, split_holdout, tokenizer_ids
+from evaluate import sample_completions
+from sft import load_problems, split_holdout, tokenizer_ids
 
 
 @dataclass
@@ -182,9 +183,10 @@ def make_comparisons(model, enc, problems, cfg, generator):
     from execution import run_many
     task_ids = sorted(problems)
     rows = [t for t in task_ids for _ in range(cfg.k)]
-    texts = sample_completions(model, enc, [problems[t]["prompt"] for t in rows], cfg.max_new_tokens,
+    comps = sample_completions(model, enc, [problems[t]["prompt"] for t in rows], cfg.max_new_tokens,
                                temperature=cfg.temperature, batch_size=cfg.sample_batch,
                                generator=generator, desc=f"sample K={cfg.k}")
+    texts = [c["completion"] for c in comps]
     samples = [{"task_id": t, "completion": c} for t, c in zip(rows, texts)]
     results = run_many(problems, samples, timeout=cfg.timeout, frac=True)
     out = []

@@ -24,11 +24,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import common
-from model import generate, load_checkpoint, save_checkpoint
-
-# Codex §3.3: sampling stops at any of these (and at end of text): the function body is over.
-STOP = ("\ndef", "\nclass", "\nif", "\nprint", "\n#")
-
+from evaluate import sample_completions
+from model import load_checkpoint, save_checkpoint
 
 @dataclass
 class Config:
@@ -126,35 +123,11 @@ def split_holdout(task_ids, n, seed):
 
 # ----------------------------------------------------------------------------- sampling + pass@1
 
-def sample_completions(model, enc, prompts, max_new_tokens, temperature=0.0, batch_size=64,
-                       generator=None, top_p=None, desc=None):
-    """Completion texts (cut at the Codex stop sequences) for a list of prompt strings, batched.
-
-    Prompts are sorted by length so each batch pads little; each batch gets as many new tokens as
-    fit in the context (at most max_new_tokens). Returns texts in the order of `prompts`."""
-    eot_id, pad_id = tokenizer_ids(enc)
-    block = model.config.block_size
-    toks = [enc.encode_ordinary(p)[-(block - 1):] for p in prompts]  # an over-long prompt keeps its end
-    order = sorted(range(len(toks)), key=lambda i: len(toks[i]))
-    texts = [None] * len(toks)
-    was_training = model.training
-    model.eval()
-    for s in tqdm(range(0, len(order), batch_size), desc=desc, disable=desc is None, leave=False):
-        rows = order[s:s + batch_size]
-        new = min(max_new_tokens, block - max(len(toks[i]) for i in rows))
-        gen = generate(model, [toks[i] for i in rows], new, enc=enc, temperature=temperature, top_p=top_p,
-                       stop=STOP, eot_id=eot_id, pad_id=pad_id, generator=generator, banned=(pad_id,))
-        for i, text in zip(rows, gen.texts):
-            texts[i] = text
-    model.train(was_training)
-    return texts
-
-
 def pass_at_1(model, enc, problems, task_ids, max_new_tokens, timeout=3.0):
     """Greedy pass@1 on `task_ids`: one greedy completion per problem, run against its tests."""
     from execution import run_many
     prompts = [problems[t]["prompt"] for t in task_ids]
-    texts = sample_completions(model, enc, prompts, max_new_tokens, temperature=0.0)
+    texts = [c["completion"] for c in sample_completions(model, enc, prompts, max_new_tokens, temperature=0.0)]
     samples = [{"task_id": t, "completion": c} for t, c in zip(task_ids, texts)]
     results = run_many(problems, samples, timeout=timeout, progress=False)
     return sum(r["passed"] for r in results) / max(1, len(results))
