@@ -43,8 +43,8 @@ class Config:
     sample_batch: int = 256        # rows per sampling batch
     timeout: float = 3.0           # seconds per program in the sandbox
     epochs: int = 1                # InstructGPT: one epoch; more overfits
-    batch_size: int = 8            # prompts (each with its K completions) per step
-    lr: float = 3e-4
+    batch_size: int = 4            # prompts (each with its K completions) per step
+    lr: float = 1e-3
     min_lr_ratio: float = 0.1
     warmup_iters: int = 5
     weight_decay: float = 0.0
@@ -57,7 +57,7 @@ class Config:
 
 PRESETS = {
     "tiny": {},
-    "small": dict(k=8, max_new_tokens=256, lr=1e-4, batch_size=16, warmup_iters=20),
+    "small": dict(max_new_tokens=256, lr=1e-4, batch_size=16, warmup_iters=20),
 }
 
 
@@ -258,16 +258,20 @@ def train(cfg, out_dir, comparisons=None):
     enc = tok.from_state(ckpt["tokenizer"])
     eot_id, pad_id = tokenizer_ids(enc)
     block = rm.config.block_size
-    groups = {r["task_id"]: ([rm_sequence(enc, r["prompt"], c, block, eot_id) for c in r["completions"]],
-                             r["scores"]) for r in rows if n_pairs(r["scores"]) > 0}
-    train_ids, val_ids = split_holdout(groups, round(cfg.holdout * len(groups)), cfg.seed)
-    train_groups = [groups[t] for t in train_ids]
-    val_groups = [groups[t] for t in val_ids]
+    useful = [r for r in rows if n_pairs(r["scores"]) > 0]  # a prompt whose K scores all tie teaches nothing
+    task_ids = sorted({r["task_id"] for r in useful})        # (a file may rank one prompt more than once)
+    train_ids, val_ids = split_holdout(task_ids, round(cfg.holdout * len(task_ids)), cfg.seed)
+    val_set = set(val_ids)
+
+    def group(r):
+        return [rm_sequence(enc, r["prompt"], c, block, eot_id) for c in r["completions"]], r["scores"]
+    train_groups = [group(r) for r in useful if r["task_id"] not in val_set]
+    val_groups = [group(r) for r in useful if r["task_id"] in val_set]
     n_train = sum(n_pairs(s) for _, s in train_groups)
     n_val = sum(n_pairs(s) for _, s in val_groups)
     scores = [s for r in rows for s in r["scores"]]
     print(f"{len(rows)} prompts, mean labeler score {sum(scores) / max(1, len(scores)):.3f}; "
-          f"{len(groups)} with at least one comparison: {len(train_groups)} train ({n_train} pairs), "
+          f"{len(useful)} with at least one comparison: {len(train_groups)} train ({n_train} pairs), "
           f"{len(val_groups)} held out ({n_val} pairs)")
     if not train_groups:
         common.die("no comparisons to train on: every prompt's completions tied (sample more, or raise --k)")

@@ -191,3 +191,20 @@ def test_score_cli_adds_rm_score(tmp_path, enc):
     row = json.loads((tmp_path / "s_rm.jsonl").read_text())
     expected = reward.score_samples(rm, enc, {"a": {"prompt": "def f(x):\n"}}, [row])[0]
     assert row["completion"] == "    return x\n" and row["rm_score"] == pytest.approx(expected, abs=1e-5)
+
+
+def test_a_prompt_ranked_twice_keeps_both_rankings_on_one_side_of_the_split(tmp_path, enc):
+    torch.manual_seed(0)
+    sft_model = GPT(GPTConfig(vocab_size=enc.n_vocab, block_size=64, n_layer=1, n_head=2, n_embd=32))
+    save_checkpoint(tmp_path / "sft.pt", sft_model, tokenizer=tok.to_state(enc), stage="sft", step=0)
+    problems = [{"task_id": f"t/{i}", "prompt": f"def f{i}(x):\n", "canonical_solution": "    return x\n",
+                 "test": "", "entry_point": f"f{i}"} for i in range(4)]
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "rm.jsonl").write_text("".join(json.dumps(p) + "\n" for p in problems))
+    rows = [{"task_id": p["task_id"], "prompt": p["prompt"], "completions": ["    return x\n", "    pass\n", "    x\n"],
+             "scores": s} for p in problems for s in ([1.0, 0.0, 0.0], [1.0, 0.5, 0.0])]
+    rows.append({**rows[0], "scores": [0.0, 0.0, 0.0]})            # all tied: no comparison
+    reward.write_comparisons(tmp_path / "c.jsonl", rows)
+    cfg = reward.Config(batch_size=2, holdout=0.25, device="cpu")
+    summary = reward.train(cfg, tmp_path, comparisons=tmp_path / "c.jsonl")
+    assert summary["n_comparisons"] == 3 * (2 + 3) and summary["n_val_comparisons"] == 2 + 3
