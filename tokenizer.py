@@ -211,6 +211,11 @@ def train(texts, vocab_size, whitespace_runs=True, pattern=None, max_space_run=M
     return make_encoding(vocab, pattern, name=name)
 
 
+def special_ids(enc):
+    """(end-of-text id, padding id) of a flywheel tokenizer."""
+    return enc.encode_single_token(EOT), enc.encode_single_token(PAD)
+
+
 def bytes_per_token(enc, texts):
     """Compression on `texts`: UTF-8 bytes per token (specials in the text are plain text)."""
     texts = list(texts)

@@ -178,7 +178,7 @@ def test_rollout_logprobs_equal_a_fresh_forward_pass(out_dir):
     assert len(set(mask.sum(1).tolist())) > 1  # rows of different lengths: the padding is exercised
     assert torch.allclose(batch["logp"], batch["sample_logp"], atol=1e-5)
     assert torch.equal(batch["ref_logp"], batch["logp"])  # policy == reference before any update
-    _, pad_id = ppo.tokenizer_ids(enc)
+    _, pad_id = tokenizer.special_ids(enc)
     P = batch["P"]
     for b, tid in enumerate(problems):
         prompt = enc.encode_ordinary(problems[tid]["prompt"])
@@ -203,7 +203,7 @@ def test_ptx_gradient_is_the_sum_of_the_ppo_and_lm_gradients(out_dir):
     """One combined PPO-ptx step's gradient = grad(PPO loss) + ptx_coef * grad(LM loss)."""
     policy, ref, value_model, reward_model, ckpt = ppo.load_models(out_dir, "cpu")
     enc = tokenizer.from_state(ckpt["tokenizer"])
-    _, pad_id = ppo.tokenizer_ids(enc)
+    _, pad_id = tokenizer.special_ids(enc)
     problems = {p["task_id"]: p for p in PROBLEMS}
     cfg = small_config(ptx_coef=0.7)
     batch = ppo.rollout(policy, ref, value_model, reward_model, enc, problems, list(problems), cfg,

@@ -70,7 +70,7 @@ def test_batch_loss_one_forward_row_per_completion(enc, monkeypatch):
     """All K completions of every prompt go through one forward pass (sum of K rows, not one row per
     pair); the loss is the mean over prompts of Eq. 1 for each prompt."""
     rm = scalar_model(enc)
-    eot, _ = reward.tokenizer_ids(enc)
+    eot, _ = tok.special_ids(enc)
     pad = enc.encode_single_token(tok.PAD)
     groups = []
     for g, (prompt, k) in enumerate((("def f(x):\n", 4), ("def add(a, b):\n", 3))):
@@ -134,14 +134,14 @@ def test_score_samples_batched_equals_one_by_one_in_order(enc):
     batched = reward.score_samples(rm, enc, problems, samples, batch_size=3)
     alone = [reward.score_samples(rm, enc, problems, [s])[0] for s in samples]
     assert batched == pytest.approx(alone, abs=1e-5)
-    eot, pad = reward.tokenizer_ids(enc)
+    eot, pad = tok.special_ids(enc)
     direct = score_sequences(rm, [reward.rm_sequence(enc, "def f(x):\n", "    return x\n", 64, eot)], pad)
     assert batched[0] == pytest.approx(direct.item(), abs=1e-5)
 
 
 def test_center_bias_makes_reference_mean_zero(enc):
     rm = scalar_model(enc)
-    eot, pad = reward.tokenizer_ids(enc)
+    eot, pad = tok.special_ids(enc)
     seqs = [reward.rm_sequence(enc, "def f(x):\n", f"    return x + {i}\n", 64, eot) for i in range(5)]
     with torch.no_grad():
         rm.score_head.bias += 3.0

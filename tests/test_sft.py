@@ -50,7 +50,7 @@ def test_all_masked_batch_is_finite_with_zero_gradient():
 
 
 def test_collate_trains_on_completion_and_eot_only(enc):
-    eot, pad = sft.tokenizer_ids(enc)
+    eot, pad = tok.special_ids(enc)
     a = encode_example(enc, "def f(x):\n", "    return x\n", eot)
     b = encode_example(enc, "def add(a, b):\n    \"\"\"Add.\"\"\"\n", "    return a + b\n", eot)
     x, y, m = collate([a, b], pad)
@@ -70,7 +70,7 @@ def test_sft_loss_of_a_row_does_not_depend_on_padding(enc):
     """Right padding after a row (any length, any pad id) leaves that row's loss unchanged."""
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=enc.n_vocab, block_size=64, n_layer=1, n_head=2, n_embd=32)).eval()
-    eot, pad = sft.tokenizer_ids(enc)
+    eot, pad = tok.special_ids(enc)
     short = encode_example(enc, "def f(x):\n", "    return x\n", eot)
     long = encode_example(enc, "def add(a, b):\n    \"\"\"Add a and b.\"\"\"\n", "    return a + b + 0\n", eot)
     losses = []
