@@ -30,6 +30,7 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = False         # biases in Linear and LayerNorm layers
     head: str = "lm"           # "lm": tied unembedding -> logits; "scalar": one number per position
+    pool: str = "last"         # scalar head: r(x, y) from the output at the "last" token or the "mean" over y
 
 
 # ----------------------------------------------------------------------------- attention
@@ -127,6 +128,7 @@ class GPT(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         assert cfg.head in ("lm", "scalar"), cfg.head
+        assert cfg.pool in ("last", "mean"), cfg.pool
         self.config = cfg
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
@@ -338,12 +340,24 @@ def pad_right(seqs, pad_id, device="cpu"):
     return idx, lengths
 
 
-def score_sequences(model, seqs, pad_id):
-    """Scalar-head output at each sequence's last token: the reward model's score r(x, y) for
-    seqs = prompt + completion + [end of text] (DESIGN.md). Differentiable; wrap in no_grad to score."""
+def score_sequences(model, seqs, pad_id, starts=None):
+    """The reward model's score r(x, y) of each seqs[i] = prompt + completion + [end of text]
+    (DESIGN.md), from the scalar head's per-token outputs as model.config.pool says:
+    - "last": the output at the last token (InstructGPT §3.5);
+    - "mean": the mean of the outputs over the completion and the end of text, positions
+      starts[i] .. len(seqs[i]) - 1 (starts[i] = the number of prompt tokens).
+    Differentiable; wrap in no_grad to score."""
     idx, lengths = pad_right(seqs, pad_id, next(model.parameters()).device)
     values, _ = model(idx)
-    return values[torch.arange(len(seqs), device=idx.device), lengths - 1]
+    values = values.float()
+    if model.config.pool == "last":
+        return values[torch.arange(len(seqs), device=idx.device), lengths - 1]
+    if starts is None:
+        raise ValueError("pool='mean' needs starts: where each completion begins")
+    starts = torch.as_tensor(starts, device=idx.device)
+    pos = torch.arange(idx.shape[1], device=idx.device)[None]
+    on = (pos >= starts[:, None]) & (pos < lengths[:, None])
+    return (values * on).sum(1) / on.sum(1)
 
 
 # ----------------------------------------------------------------------------- FLOPs and MFU

@@ -6,8 +6,10 @@
    equal scores is no comparison (ties dropped, as in the paper). The comparisons are written to
    out/<preset>/comparisons.jsonl (task_id, prompt, completions, scores): inspect it, or replace the
    scores with your own labels and train with `--comparisons FILE`.
-2. Training. The RM is the SFT model with its unembedding replaced by a scalar head; r(x, y) is the
-   head's output at the last token of prompt + completion + <|endoftext|>. All C(K,2) comparisons of
+2. Training. The RM is the SFT model with its unembedding replaced by a scalar head that gives one
+   number per token of prompt + completion + <|endoftext|>; r(x, y) is their mean over the
+   completion and the end of text (--pool=mean, the default here), or, as in InstructGPT, the
+   output at the last token (--pool=last; at this scale it generalises worse, see README). All C(K,2) comparisons of
    a prompt go in one batch element (one forward pass per completion, not per pair), with the loss
        loss = -1/C(K,2) * sum over pairs (y_w, y_l), s_w > s_l, of log sigmoid(r(x, y_w) - r(x, y_l)).
    One epoch (InstructGPT: more overfits). Then a bias so that the reference solutions of the rm
@@ -18,6 +20,7 @@
     python reward.py --preset tiny                       # sample, label, train -> out/tiny/rm.pt
     python reward.py --preset tiny --comparisons out/tiny/comparisons.jsonl   # train on existing labels
 """
+import dataclasses
 import json
 import math
 import random
@@ -45,11 +48,12 @@ class Config:
     timeout: float = 3.0           # seconds per program in the sandbox
     epochs: int = 1                # InstructGPT: one epoch; more overfits
     batch_size: int = 4            # prompts (each with its K completions) per step
-    lr: float = 1e-3
+    lr: float = 3e-4
     min_lr_ratio: float = 0.1
     warmup_iters: int = 5
     weight_decay: float = 0.0
     grad_clip: float = 1.0
+    pool: str = "mean"             # r(x, y): "mean" of the head over the completion, or at the "last" token
     holdout: float = 0.15          # fraction of the rm prompts held out for pairwise accuracy
     device: str = "auto"
     dtype: str = "auto"
@@ -96,19 +100,25 @@ def n_pairs(scores):
 # ----------------------------------------------------------------------------- sequences
 
 def rm_sequence(enc, prompt, completion, block_size, eot_id):
-    """THE reward-model input: encode(prompt) + encode(completion) + [eot] (DESIGN.md), with the
-    completion cut (the eot kept) if the whole would not fit the context."""
+    """THE reward-model input: (tokens, start) with tokens = encode(prompt) + encode(completion) +
+    [eot] (DESIGN.md) and start = where the completion begins; the completion is cut (the eot kept)
+    if the whole would not fit the context."""
     p = enc.encode_ordinary(prompt)[-(block_size - 1):]
     c = enc.encode_ordinary(completion)[:block_size - 1 - len(p)]
-    return p + c + [eot_id]
+    return p + c + [eot_id], len(p)
+
+
+def score(rm, seqs, pad_id):
+    """r(x, y) of each (tokens, start) from rm_sequence: model.score_sequences."""
+    return score_sequences(rm, [t for t, _ in seqs], pad_id, [s for _, s in seqs])
 
 
 def batch_loss(rm, groups, pad_id):
-    """Mean of Eq. 1 over a batch of prompts. groups: [(seqs, scores), ...], K token sequences of
+    """Mean of Eq. 1 over a batch of prompts. groups: [(seqs, scores), ...], the K rm_sequence's of
     one prompt and their labeler scores. One forward pass for all completions of all prompts (never
     one per pair). Returns (loss, rewards per prompt)."""
     flat = [s for seqs, _ in groups for s in seqs]
-    rewards = score_sequences(rm, flat, pad_id)
+    rewards = score(rm, flat, pad_id)
     per_prompt, losses, i = [], [], 0
     for seqs, scores in groups:
         r = rewards[i:i + len(seqs)]
@@ -129,13 +139,13 @@ def score_samples(rm, enc, problems, samples, batch_size=64, progress=False):
         if s["task_id"] not in problems:
             raise KeyError(f"sample task_id {s['task_id']!r} is not in the problem file")
         seqs.append(rm_sequence(enc, problems[s["task_id"]]["prompt"], s["completion"], block, eot_id))
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]))
     out = [0.0] * len(seqs)
     was_training = rm.training
     rm.eval()
     for b in tqdm(range(0, len(order), batch_size), desc="rm score", disable=not progress, leave=False):
         rows = order[b:b + batch_size]
-        for i, r in zip(rows, score_sequences(rm, [seqs[i] for i in rows], pad_id).tolist()):
+        for i, r in zip(rows, score(rm, [seqs[i] for i in rows], pad_id).tolist()):
             out[i] = r
     rm.train(was_training)
     return out
@@ -222,9 +232,10 @@ def evaluate_accuracy(rm, groups, pad_id, batch_size):
 @torch.no_grad()
 def center_bias(rm, seqs, pad_id, batch_size=64):
     """Shift the scalar head's bias so the mean score of `seqs` (the reference solutions) is 0
-    (InstructGPT §3.5: "the labeler demonstrations achieve a mean score of 0"). Returns the old mean."""
+    (InstructGPT §3.5: "the labeler demonstrations achieve a mean score of 0"). seqs: rm_sequence's.
+    Returns the old mean."""
     rm.eval()
-    scores = torch.cat([score_sequences(rm, seqs[i:i + batch_size], pad_id)
+    scores = torch.cat([score(rm, seqs[i:i + batch_size], pad_id)
                         for i in range(0, len(seqs), batch_size)])
     mean = scores.float().mean().item()
     rm.score_head.bias -= mean
@@ -256,6 +267,7 @@ def train(cfg, out_dir, comparisons=None):
 
     # ---- 2. the reward model: the SFT trunk with a fresh scalar head
     rm, ckpt = load_checkpoint(sft_path, rt.device, head="scalar")
+    rm.config = dataclasses.replace(rm.config, pool=cfg.pool)
     enc = tok.from_state(ckpt["tokenizer"])
     eot_id, pad_id = special_ids(enc)
     block = rm.config.block_size
@@ -374,6 +386,8 @@ def main(argv=None):
         score_file(args.score, args.problems or args.out_dir / "tasks" / "test.jsonl",
                    args.ckpt or args.out_dir / "rm.pt", output, device)
         return
+    if cfg.pool not in ("last", "mean"):
+        common.die(f"--pool={cfg.pool}: last or mean")
     if not 0 <= cfg.holdout < 1:
         common.die(f"--holdout={cfg.holdout}: a fraction in [0, 1)")
     train(cfg, args.out_dir, comparisons=args.comparisons)

@@ -48,7 +48,7 @@ REQUIRED_KEYS = ("task_id", "prompt", "canonical_solution", "test", "entry_point
 class Config:
     seed: int = 1234
     n_sft: int = 2000             # demonstrations for supervised fine-tuning
-    n_rm: int = 400               # prompts whose sampled completions the labeler ranks
+    n_rm: int = 1600              # prompts whose sampled completions the labeler ranks (K each)
     n_ppo: int = 400              # prompts for reinforcement learning
     n_test: int = 164             # pass@k problems (HumanEval's size)
     compose_frac: float = 0.3     # share of problems that chain two operations
@@ -61,7 +61,7 @@ class Config:
 
 PRESETS = {
     "tiny": {},
-    "small": dict(n_sft=20000, n_rm=4000, n_ppo=4000, n_test=500),
+    "small": dict(n_sft=20000, n_rm=8000, n_ppo=4000, n_test=500),
 }
 
 

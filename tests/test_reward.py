@@ -19,10 +19,10 @@ def enc():
     return tok.train(TEXTS, 300)
 
 
-def scalar_model(enc, seed=0):
+def scalar_model(enc, seed=0, pool="last"):
     torch.manual_seed(seed)
     return GPT(GPTConfig(vocab_size=enc.n_vocab, block_size=64, n_layer=1, n_head=2, n_embd=32,
-                         head="scalar")).eval()
+                         head="scalar", pool=pool)).eval()
 
 
 def test_rm_loss_hand_worked_k3():
@@ -66,10 +66,11 @@ def test_rm_loss_prefers_the_labelers_order():
     assert rm_loss(torch.tensor([3.0, -3.0, 0.0]), scores) < rm_loss(torch.tensor([-3.0, 3.0, 0.0]), scores)
 
 
-def test_batch_loss_one_forward_row_per_completion(enc, monkeypatch):
+@pytest.mark.parametrize("pool", ["last", "mean"])
+def test_batch_loss_one_forward_row_per_completion(enc, monkeypatch, pool):
     """All K completions of every prompt go through one forward pass (sum of K rows, not one row per
     pair); the loss is the mean over prompts of Eq. 1 for each prompt."""
-    rm = scalar_model(enc)
+    rm = scalar_model(enc, pool=pool)
     eot, _ = tok.special_ids(enc)
     pad = enc.encode_single_token(tok.PAD)
     groups = []
@@ -82,7 +83,7 @@ def test_batch_loss_one_forward_row_per_completion(enc, monkeypatch):
     loss, per_prompt = batch_loss(rm, groups, pad)
     assert rows == [7]
     monkeypatch.setattr(rm, "forward", forward)
-    expected = torch.stack([rm_loss(score_sequences(rm, seqs, pad), s) for seqs, s in groups]).mean()
+    expected = torch.stack([rm_loss(reward.score(rm, seqs, pad), s) for seqs, s in groups]).mean()
     assert torch.allclose(loss, expected, atol=1e-6)
     assert [len(r) for r in per_prompt] == [4, 3]
 
@@ -95,11 +96,33 @@ def test_pairwise_accuracy_skips_ties():
 
 def test_rm_sequence_convention_and_truncation(enc):
     eot = enc.encode_single_token(tok.EOT)
-    seq = reward.rm_sequence(enc, "def f(x):\n", "    return x\n", 64, eot)
-    assert seq == enc.encode_ordinary("def f(x):\n") + enc.encode_ordinary("    return x\n") + [eot]
-    long = reward.rm_sequence(enc, "def f(x):\n", "    return x\n" * 50, 64, eot)
     prompt = enc.encode_ordinary("def f(x):\n")
+    seq, start = reward.rm_sequence(enc, "def f(x):\n", "    return x\n", 64, eot)
+    assert seq == prompt + enc.encode_ordinary("    return x\n") + [eot] and start == len(prompt)
+    long, start = reward.rm_sequence(enc, "def f(x):\n", "    return x\n" * 50, 64, eot)
     assert len(long) == 64 and long[-1] == eot and long[:len(prompt)] == prompt  # the completion is cut
+    assert start == len(prompt)
+
+
+def test_mean_pool_is_the_mean_over_completion_and_eot(enc):
+    """pool="mean": r(x, y) = mean of the head's outputs at the completion's tokens and the end of
+    text, never the prompt's; right padding in a batch does not change it; pool="last" is the last
+    token's output."""
+    rm = scalar_model(enc, pool="mean")
+    eot, pad = tok.special_ids(enc)
+    seqs = [reward.rm_sequence(enc, "def f(x):\n", c, 64, eot) for c in ("    return x\n", "    return x + 1 + 2\n")]
+    with torch.no_grad():
+        batched = reward.score(rm, seqs, pad)
+        for (tokens, start), r in zip(seqs, batched):
+            values, _ = rm(torch.tensor([tokens]))
+            assert start > 0 and r.item() == pytest.approx(values[0, start:].mean().item(), abs=1e-5)
+            assert r.item() != pytest.approx(values[0].mean().item(), abs=1e-4)
+        rm.config.pool = "last"
+        last = reward.score(rm, seqs, pad)
+        for (tokens, _), r in zip(seqs, last):
+            assert r.item() == pytest.approx(rm(torch.tensor([tokens]))[0][0, -1].item(), abs=1e-5)
+    with pytest.raises(ValueError):
+        score_sequences(scalar_model(enc, pool="mean"), [seqs[0][0]], pad)
 
 
 def test_comparisons_file_round_trip(tmp_path):
@@ -126,8 +149,9 @@ def test_malformed_comparisons_file_is_a_one_line_error(tmp_path, capsys, line):
     assert "c.jsonl:1" in err and len(err.strip().splitlines()) == 1
 
 
-def test_score_samples_batched_equals_one_by_one_in_order(enc):
-    rm = scalar_model(enc)
+@pytest.mark.parametrize("pool", ["last", "mean"])
+def test_score_samples_batched_equals_one_by_one_in_order(enc, pool):
+    rm = scalar_model(enc, pool=pool)
     problems = {"a": {"prompt": "def f(x):\n"}, "b": {"prompt": "def add(a, b):\n    \"\"\"Add.\"\"\"\n"}}
     samples = [{"task_id": t, "completion": c} for t, c in
                [("a", "    return x\n"), ("b", "    return a + b\n"), ("a", "    pass\n"), ("b", "")]]
@@ -135,19 +159,20 @@ def test_score_samples_batched_equals_one_by_one_in_order(enc):
     alone = [reward.score_samples(rm, enc, problems, [s])[0] for s in samples]
     assert batched == pytest.approx(alone, abs=1e-5)
     eot, pad = tok.special_ids(enc)
-    direct = score_sequences(rm, [reward.rm_sequence(enc, "def f(x):\n", "    return x\n", 64, eot)], pad)
+    direct = reward.score(rm, [reward.rm_sequence(enc, "def f(x):\n", "    return x\n", 64, eot)], pad)
     assert batched[0] == pytest.approx(direct.item(), abs=1e-5)
 
 
-def test_center_bias_makes_reference_mean_zero(enc):
-    rm = scalar_model(enc)
+@pytest.mark.parametrize("pool", ["last", "mean"])
+def test_center_bias_makes_reference_mean_zero(enc, pool):
+    rm = scalar_model(enc, pool=pool)
     eot, pad = tok.special_ids(enc)
     seqs = [reward.rm_sequence(enc, "def f(x):\n", f"    return x + {i}\n", 64, eot) for i in range(5)]
     with torch.no_grad():
         rm.score_head.bias += 3.0
     reward.center_bias(rm, seqs, pad, batch_size=2)
     with torch.no_grad():
-        assert score_sequences(rm, seqs, pad).mean().item() == pytest.approx(0.0, abs=1e-5)
+        assert reward.score(rm, seqs, pad).mean().item() == pytest.approx(0.0, abs=1e-5)
 
 
 def test_reward_end_to_end_on_a_comparisons_file(tmp_path, enc):
@@ -170,7 +195,7 @@ def test_reward_end_to_end_on_a_comparisons_file(tmp_path, enc):
     cfg = reward.Config(epochs=4, batch_size=4, lr=3e-3, warmup_iters=2, holdout=0.25, device="cpu")
     summary = reward.train(cfg, tmp_path, comparisons=tmp_path / "mine.jsonl")
     rm, ckpt = load_checkpoint(tmp_path / "rm.pt")
-    assert ckpt["stage"] == "reward" and rm.config.head == "scalar"
+    assert ckpt["stage"] == "reward" and rm.config.head == "scalar" and rm.config.pool == cfg.pool
     assert summary["n_comparisons"] == 30 * 5 and summary["n_val_comparisons"] == 10 * 5
     assert summary["val_accuracy"] >= 0.8
     results = json.loads((tmp_path / "results.json").read_text())
