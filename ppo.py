@@ -103,7 +103,7 @@ class Config:
 
 PRESETS = {
     "tiny": {},
-    "small": dict(iterations=150, batch_size=128, max_new_tokens=128, minibatch_size=32, lr=2e-5, value_lr=1e-4,
+    "small": dict(iterations=150, batch_size=128, max_new_tokens=128, minibatch_size=32, value_lr=1e-4,
                   ptx_batch_size=16, ptx_block_size=256, eval_iters=20, ckpt_interval=25, workers=8),
 }
 
