@@ -33,6 +33,9 @@ class GPTConfig:
     pool: str = "last"         # scalar head: r(x, y) from the output at the "last" token or the "mean" over y
 
 
+POOLS = ("last", "mean")       # the ways score_sequences reduces a scalar head's outputs to r(x, y)
+
+
 # ----------------------------------------------------------------------------- attention
 
 class KVCache:
@@ -128,7 +131,7 @@ class GPT(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         assert cfg.head in ("lm", "scalar"), cfg.head
-        assert cfg.pool in ("last", "mean"), cfg.pool
+        assert cfg.pool in POOLS, cfg.pool
         self.config = cfg
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),

@@ -9,8 +9,9 @@
 2. Training. The RM is the SFT model with its unembedding replaced by a scalar head that gives one
    number per token of prompt + completion + <|endoftext|>; r(x, y) is their mean over the
    completion and the end of text (--pool=mean, the default here), or, as in InstructGPT, the
-   output at the last token (--pool=last; at this scale it generalises worse, see README). All C(K,2) comparisons of
-   a prompt go in one batch element (one forward pass per completion, not per pair), with the loss
+   output at the last token (--pool=last; at this scale it generalises worse, see README). All
+   C(K,2) comparisons of a prompt go in one batch element (one forward pass per completion, not per
+   pair), with the loss
        loss = -1/C(K,2) * sum over pairs (y_w, y_l), s_w > s_l, of log sigmoid(r(x, y_w) - r(x, y_l)).
    One epoch (InstructGPT: more overfits). Then a bias so that the reference solutions of the rm
    prompts score 0 on average. Held-out prompts give the pairwise accuracy.
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import common
-from model import load_checkpoint, save_checkpoint, score_sequences
+from model import POOLS, load_checkpoint, save_checkpoint, score_sequences
 from evaluate import sample_completions
 from sft import load_problems, split_holdout
 from tokenizer import special_ids
@@ -237,7 +238,7 @@ def center_bias(rm, seqs, pad_id, batch_size=64):
     rm.eval()
     scores = torch.cat([score(rm, seqs[i:i + batch_size], pad_id)
                         for i in range(0, len(seqs), batch_size)])
-    mean = scores.float().mean().item()
+    mean = scores.mean().item()
     rm.score_head.bias -= mean
     return mean
 
@@ -386,8 +387,8 @@ def main(argv=None):
         score_file(args.score, args.problems or args.out_dir / "tasks" / "test.jsonl",
                    args.ckpt or args.out_dir / "rm.pt", output, device)
         return
-    if cfg.pool not in ("last", "mean"):
-        common.die(f"--pool={cfg.pool}: last or mean")
+    if cfg.pool not in POOLS:
+        common.die(f"--pool={cfg.pool}: one of {', '.join(POOLS)}")
     if not 0 <= cfg.holdout < 1:
         common.die(f"--holdout={cfg.holdout}: a fraction in [0, 1)")
     train(cfg, args.out_dir, comparisons=args.comparisons)
