@@ -31,6 +31,7 @@ class GPTConfig:
     bias: bool = False         # biases in Linear and LayerNorm layers
     head: str = "lm"           # "lm": tied unembedding -> logits; "scalar": one number per position
     pool: str = "last"         # scalar head: r(x, y) from the output at the "last" token or the "mean" over y
+    loglik: bool = False       # scalar head: add log p(x_t | x_<t) under the tied unembedding to output t
 
 
 POOLS = ("last", "mean")       # the ways score_sequences reduces a scalar head's outputs to r(x, y)
@@ -166,12 +167,15 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.transformer.wpe.weight.numel() if non_embedding else n
 
-    def forward(self, idx, targets=None, valid=None, cache=None, last_only=False):
+    def forward(self, idx, targets=None, valid=None, cache=None, logits_from=0):
         """idx (B, T) token ids. Returns (out, loss):
 
-        - lm head: logits (B, T, V) (or (B, 1, V) with last_only), and the mean cross-entropy over
+        - lm head: logits (B, T, V), only for positions logits_from.. when given (-1: the last;
+          the unembedding is the costliest matmul at this size), and the mean cross-entropy over
           targets != -1 when targets are given;
-        - scalar head: values (B, T), loss None.
+        - scalar head: values (B, T), loss None; with config.loglik, values[:, t] also adds
+          log p(idx[:, t] | idx[:, :t]) from the tied unembedding for t > logits_from (none at
+          t = 0), so a reward model can start from the LM's likelihood of a completion (reward.py).
         `valid` (B, T) marks real tokens when rows are left-padded (positions then start at each
         row's first real token); `cache` is a KVCache to read from and append to."""
         B, T = idx.shape
@@ -200,9 +204,15 @@ class GPT(nn.Module):
             cache.length += T
         x = self.transformer.ln_f(x)
         if self.config.head == "scalar":
-            return self.score_head(x).squeeze(-1), None
+            values = self.score_head(x).squeeze(-1)
+            if self.config.loglik:
+                assert cache is None and logits_from >= 0, "loglik needs the whole sequence"
+                logits = F.linear(x[:, logits_from:-1].contiguous(), self.transformer.wte.weight).float()
+                logp = F.log_softmax(logits, -1).gather(2, idx[:, logits_from + 1:, None]).squeeze(2)
+                values = values.float() + F.pad(logp, (logits_from + 1, 0))
+            return values, None
         if targets is None:
-            return self.lm_head(x[:, -1:] if last_only else x), None
+            return self.lm_head(x[:, logits_from:].contiguous()), None
         logits = self.lm_head(x)
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
                                ignore_index=-1)
@@ -288,7 +298,7 @@ def generate(model, prompts, max_new_tokens, enc=None, temperature=1.0, top_k=No
     texts = [None] * B
     longest_stop = max((len(s) for s in stop), default=0)
 
-    logits, _ = model(idx, valid=valid if padded else None, cache=cache, last_only=True)
+    logits, _ = model(idx, valid=valid if padded else None, cache=cache, logits_from=-1)
     for step in range(max_new_tokens):
         logits = logits[:, -1]
         if len(ban):
@@ -323,7 +333,7 @@ def generate(model, prompts, max_new_tokens, enc=None, temperature=1.0, top_k=No
         else:
             idx = torch.cat([idx, tok[:, None]], 1)
             valid = torch.cat([valid, torch.ones_like(tok[:, None], dtype=torch.bool)], 1)
-            logits, _ = model(idx, valid=valid if padded else None, last_only=True)
+            logits, _ = model(idx, valid=valid if padded else None, logits_from=-1)
 
     for b in range(B):
         toks = [t for t in out_tokens[b] if t != eot_id]
@@ -351,7 +361,9 @@ def score_sequences(model, seqs, pad_id, starts=None):
       starts[i] .. len(seqs[i]) - 1 (starts[i] = the number of prompt tokens).
     Differentiable; wrap in no_grad to score."""
     idx, lengths = pad_right(seqs, pad_id, next(model.parameters()).device)
-    values, _ = model(idx)
+    mean = model.config.pool == "mean" and starts is not None
+    first = max(0, int(min(starts)) - 1) if mean else 0   # loglik: logits from the completion on
+    values, _ = model(idx, logits_from=first)
     values = values.float()
     if model.config.pool == "last":
         return values[torch.arange(len(seqs), device=idx.device), lengths - 1]

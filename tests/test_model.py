@@ -125,6 +125,25 @@ def test_scalar_head_shapes_and_checkpoint_round_trip(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))  # atomic write leaves nothing behind
 
 
+def test_loglik_head_adds_the_language_models_log_likelihood(tmp_path):
+    """config.loglik: output t of the scalar head = head(h_t) + log p(x_t | x_<t) under the tied
+    unembedding (0 at t = 0): a reward model built from an LM checkpoint starts from its likelihood."""
+    lm = tiny_model()
+    idx = torch.randint(0, 97, (2, 9))
+    logits, _ = lm(idx)
+    logp = F.log_softmax(logits[:, :-1], -1).gather(2, idx[:, 1:, None]).squeeze(2)
+    save_checkpoint(tmp_path / "lm.pt", lm, tokenizer={}, stage="sft", step=0)
+    rm, _ = load_checkpoint(tmp_path / "lm.pt", head="scalar")
+    plain, _ = rm(idx)
+    rm.config.loglik = True
+    with_ll, _ = rm(idx)
+    assert torch.allclose(with_ll - plain, F.pad(logp, (1, 0)), atol=1e-5)
+    with torch.no_grad():
+        rm.score_head.weight.zero_()
+        rm.score_head.bias.zero_()
+    assert torch.allclose(rm(idx)[0][:, 1:], logp, atol=1e-5)
+
+
 def test_load_checkpoint_rejects_garbage(tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_text("not a checkpoint")

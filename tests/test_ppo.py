@@ -199,6 +199,21 @@ def test_rollout_logprobs_equal_a_fresh_forward_pass(out_dir):
     assert torch.allclose(batch["score"], torch.tensor(score_samples(reward_model, enc, problems, batch["samples"])))
 
 
+def test_value_model_reads_only_the_head_of_a_loglik_reward_model(out_dir, tmp_path):
+    """With a --loglik reward model, the reward counts the likelihood term; the value model initialised
+    from it is the trunk + scalar head alone (a state's value, not a token's likelihood)."""
+    for name in ("sft.pt", "tasks", "code"):
+        (tmp_path / name).symlink_to(out_dir / name)
+    rm, ckpt = load_checkpoint(out_dir / "rm.pt")
+    rm.config.loglik = True
+    save_checkpoint(tmp_path / "rm.pt", rm, tokenizer=ckpt["tokenizer"], stage="reward", step=0)
+    _, _, value_model, reward_model, _ = ppo.load_models(tmp_path, "cpu")
+    assert reward_model.config.loglik and not value_model.config.loglik
+    idx = torch.randint(0, 100, (1, 7))
+    with torch.no_grad():
+        assert not torch.allclose(value_model(idx)[0], reward_model(idx)[0])
+
+
 def test_ptx_gradient_is_the_sum_of_the_ppo_and_lm_gradients(out_dir):
     """One combined PPO-ptx step's gradient = grad(PPO loss) + ptx_coef * grad(LM loss)."""
     policy, ref, value_model, reward_model, ckpt = ppo.load_models(out_dir, "cpu")

@@ -19,10 +19,10 @@ def enc():
     return tok.train(TEXTS, 300)
 
 
-def scalar_model(enc, seed=0, pool="last"):
+def scalar_model(enc, seed=0, pool="last", loglik=False):
     torch.manual_seed(seed)
     return GPT(GPTConfig(vocab_size=enc.n_vocab, block_size=64, n_layer=1, n_head=2, n_embd=32,
-                         head="scalar", pool=pool)).eval()
+                         head="scalar", pool=pool, loglik=loglik)).eval()
 
 
 def test_rm_loss_hand_worked_k3():
@@ -149,9 +149,9 @@ def test_malformed_comparisons_file_is_a_one_line_error(tmp_path, capsys, line):
     assert "c.jsonl:1" in err and len(err.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("pool", ["last", "mean"])
-def test_score_samples_batched_equals_one_by_one_in_order(enc, pool):
-    rm = scalar_model(enc, pool=pool)
+@pytest.mark.parametrize("pool,loglik", [("last", False), ("mean", False), ("mean", True)])
+def test_score_samples_batched_equals_one_by_one_in_order(enc, pool, loglik):
+    rm = scalar_model(enc, pool=pool, loglik=loglik)
     problems = {"a": {"prompt": "def f(x):\n"}, "b": {"prompt": "def add(a, b):\n    \"\"\"Add.\"\"\"\n"}}
     samples = [{"task_id": t, "completion": c} for t, c in
                [("a", "    return x\n"), ("b", "    return a + b\n"), ("a", "    pass\n"), ("b", "")]]
@@ -203,6 +203,37 @@ def test_reward_end_to_end_on_a_comparisons_file(tmp_path, enc):
     refs = [{"task_id": p["task_id"], "completion": p["canonical_solution"]} for p in problems]
     ref_scores = reward.score_samples(rm, enc, {p["task_id"]: p for p in problems}, refs)
     assert sum(ref_scores) / len(ref_scores) == pytest.approx(0.0, abs=1e-4)
+
+
+def test_loglik_rm_starts_at_the_sft_mean_log_likelihood(tmp_path, enc):
+    """--loglik (the default): before any update, r(x, y) differs between completions exactly as the
+    SFT model's mean log-likelihood of completion + end of text does (the bias then centres it)."""
+    torch.manual_seed(0)
+    sft_model = GPT(GPTConfig(vocab_size=enc.n_vocab, block_size=64, n_layer=1, n_head=2, n_embd=32)).eval()
+    save_checkpoint(tmp_path / "sft.pt", sft_model, tokenizer=tok.to_state(enc), stage="sft", step=0)
+    problems = [{"task_id": f"t/{i}", "prompt": f"def f{i}(x):\n", "canonical_solution": "    return x\n",
+                 "test": "", "entry_point": f"f{i}"} for i in range(8)]
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "rm.jsonl").write_text("".join(json.dumps(p) + "\n" for p in problems))
+    comps = ["    return x\n", "    pass\n", "    return -x + 1\n"]
+    reward.write_comparisons(tmp_path / "c.jsonl", [{"task_id": p["task_id"], "prompt": p["prompt"],
+                                                     "completions": comps, "scores": [1.0, 0.0, 0.5]} for p in problems])
+    cfg = reward.Config(lr=0.0, holdout=0.25, device="cpu")
+    assert cfg.loglik
+    reward.train(cfg, tmp_path, comparisons=tmp_path / "c.jsonl")
+    rm, _ = load_checkpoint(tmp_path / "rm.pt")
+    assert rm.config.loglik
+    eot, pad = tok.special_ids(enc)
+    seqs = [reward.rm_sequence(enc, problems[0]["prompt"], c, 64, eot) for c in comps]
+    with torch.no_grad():
+        r = reward.score(rm, seqs, pad)
+        mean_ll = []
+        for tokens, start in seqs:
+            logits, _ = sft_model(torch.tensor([tokens]))
+            lp = F.log_softmax(logits[0, :-1], -1).gather(1, torch.tensor(tokens[1:])[:, None]).squeeze(1)
+            mean_ll.append(lp[start - 1:].mean())
+    mean_ll = torch.stack(mean_ll)
+    assert torch.allclose(r - r[0], mean_ll - mean_ll[0], atol=1e-4)
 
 
 def test_score_cli_adds_rm_score(tmp_path, enc):
