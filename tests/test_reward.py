@@ -175,7 +175,8 @@ def test_center_bias_makes_reference_mean_zero(enc, pool):
         assert reward.score(rm, seqs, pad).mean().item() == pytest.approx(0.0, abs=1e-5)
 
 
-def test_reward_end_to_end_on_a_comparisons_file(tmp_path, enc):
+@pytest.mark.parametrize("loglik", [True, False])
+def test_reward_end_to_end_on_a_comparisons_file(tmp_path, enc, loglik):
     """sft.pt + tasks/rm.jsonl + a comparisons file -> rm.pt (scalar head, stage "reward") that ranks a
     learnable preference (a body that returns beats `pass`) on held-out prompts; results.json updated."""
     torch.manual_seed(0)
@@ -192,10 +193,11 @@ def test_reward_end_to_end_on_a_comparisons_file(tmp_path, enc):
     (tmp_path / "tasks").mkdir()
     (tmp_path / "tasks" / "rm.jsonl").write_text("".join(json.dumps(p) + "\n" for p in problems))
     reward.write_comparisons(tmp_path / "mine.jsonl", rows)
-    cfg = reward.Config(epochs=4, batch_size=4, lr=3e-3, warmup_iters=2, holdout=0.25, device="cpu")
+    cfg = reward.Config(epochs=4, batch_size=4, lr=3e-3, warmup_iters=2, holdout=0.25, device="cpu", loglik=loglik)
     summary = reward.train(cfg, tmp_path, comparisons=tmp_path / "mine.jsonl")
     rm, ckpt = load_checkpoint(tmp_path / "rm.pt")
     assert ckpt["stage"] == "reward" and rm.config.head == "scalar" and rm.config.pool == cfg.pool
+    assert rm.config.loglik == loglik
     assert summary["n_comparisons"] == 30 * 5 and summary["n_val_comparisons"] == 10 * 5
     assert summary["val_accuracy"] >= 0.8
     results = json.loads((tmp_path / "results.json").read_text())
@@ -216,8 +218,9 @@ def test_loglik_rm_starts_at_the_sft_mean_log_likelihood(tmp_path, enc):
     (tmp_path / "tasks").mkdir()
     (tmp_path / "tasks" / "rm.jsonl").write_text("".join(json.dumps(p) + "\n" for p in problems))
     comps = ["    return x\n", "    pass\n", "    return -x + 1\n"]
-    reward.write_comparisons(tmp_path / "c.jsonl", [{"task_id": p["task_id"], "prompt": p["prompt"],
-                                                     "completions": comps, "scores": [1.0, 0.0, 0.5]} for p in problems])
+    rows = [{"task_id": p["task_id"], "prompt": p["prompt"], "completions": comps, "scores": [1.0, 0.0, 0.5]}
+            for p in problems]
+    reward.write_comparisons(tmp_path / "c.jsonl", rows)
     cfg = reward.Config(lr=0.0, holdout=0.25, device="cpu")
     assert cfg.loglik
     reward.train(cfg, tmp_path, comparisons=tmp_path / "c.jsonl")
