@@ -360,15 +360,15 @@ def score_sequences(model, seqs, pad_id, starts=None):
     - "mean": the mean of the outputs over the completion and the end of text, positions
       starts[i] .. len(seqs[i]) - 1 (starts[i] = the number of prompt tokens).
     Differentiable; wrap in no_grad to score."""
+    mean = model.config.pool == "mean"
+    if mean and starts is None:
+        raise ValueError("pool='mean' needs starts: where each completion begins")
     idx, lengths = pad_right(seqs, pad_id, next(model.parameters()).device)
-    mean = model.config.pool == "mean" and starts is not None
     first = max(0, int(min(starts)) - 1) if mean else 0   # loglik: logits from the completion on
     values, _ = model(idx, logits_from=first)
     values = values.float()
-    if model.config.pool == "last":
+    if not mean:
         return values[torch.arange(len(seqs), device=idx.device), lengths - 1]
-    if starts is None:
-        raise ValueError("pool='mean' needs starts: where each completion begins")
     starts = torch.as_tensor(starts, device=idx.device)
     pos = torch.arange(idx.shape[1], device=idx.device)[None]
     on = (pos >= starts[:, None]) & (pos < lengths[:, None])

@@ -22,8 +22,8 @@ update below. Per iteration:
    target KL (Ziegler et al. 2019).
 
 Four models: policy <- sft.pt, reference = frozen sft.pt, value model <- rm.pt (the scalar head read
-at every position, without reward.py's --loglik term), reward = frozen rm.pt. All stay in eval mode: dropout is off everywhere, so
-log-probs during the update match the rollout's exactly. The gold pass rate of the rollouts (their
+at every position, without reward.py's --loglik term), reward = frozen rm.pt. All stay in eval mode:
+dropout is off everywhere, so log-probs during the update match the rollout's exactly. The gold pass rate of the rollouts (their
 execution in the sandbox) is logged, never used in the update: RM score and gold pass rate against
 KL show reward over-optimisation (Gao et al. 2022).
 
