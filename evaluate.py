@@ -34,6 +34,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from data.tasks import read_jsonl, read_problems, write_jsonl  # noqa: E402
+from model import sample_completions  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- pass@k
@@ -196,38 +197,6 @@ def score_main(args):
 
 
 # ----------------------------------------------------------------------------- sampling a checkpoint
-
-STOP = ("\ndef", "\nclass", "\nif", "\nprint", "\n#")  # Codex §2.3: a completion ends at these
-
-
-def sample_completions(model, enc, prompts, max_new_tokens, temperature=0.0, top_p=None, batch_size=64,
-                       generator=None, desc=None):
-    """Sample one completion per prompt string with the KV-cache sampler, batched; returns, in the
-    order of `prompts`, dicts {completion (cut at the Codex stop sequences), sum_logprob,
-    mean_logprob, finish}. Prompts are sorted by length so each batch pads little; an over-long
-    prompt keeps its end; each batch gets as many new tokens as fit (at most max_new_tokens)."""
-    import tokenizer as tok
-    from model import generate
-    from tqdm import tqdm
-    eot_id, pad_id = tok.special_ids(enc)
-    block = model.config.block_size
-    toks = [enc.encode_ordinary(p)[-(block - 1):] for p in prompts]
-    order = sorted(range(len(toks)), key=lambda i: len(toks[i]))
-    out = [None] * len(toks)
-    was_training = model.training
-    model.eval()
-    for s in tqdm(range(0, len(order), batch_size), desc=desc, disable=desc is None, leave=False):
-        rows = order[s:s + batch_size]
-        new = min(max_new_tokens, block - max(len(toks[i]) for i in rows))
-        gen = generate(model, [toks[i] for i in rows], new, enc=enc, temperature=temperature, top_p=top_p,
-                       stop=STOP, eot_id=eot_id, pad_id=pad_id, generator=generator, banned=(pad_id,))
-        for j, i in enumerate(rows):
-            lp = gen.logprobs[j]
-            out[i] = {"completion": gen.texts[j], "sum_logprob": float(sum(lp)),
-                      "mean_logprob": float(sum(lp) / max(1, len(lp))), "finish": gen.finish[j]}
-    model.train(was_training)
-    return out
-
 
 def sample_problems(model, enc, problems, n, temperature, top_p, max_new_tokens, batch_size, generator):
     """n samples per problem: rows {task_id, completion, sum_logprob, mean_logprob, finish}."""

@@ -343,6 +343,37 @@ def generate(model, prompts, max_new_tokens, enc=None, temperature=1.0, top_k=No
     return Generation(out_tokens, out_logprobs, texts, finish)
 
 
+STOP = ("\ndef", "\nclass", "\nif", "\nprint", "\n#")  # Codex §2.3: a completion ends at these
+
+
+def sample_completions(model, enc, prompts, max_new_tokens, temperature=0.0, top_p=None, batch_size=64,
+                       generator=None, desc=None):
+    """Sample one completion per prompt string with the KV-cache sampler, batched; returns, in the
+    order of `prompts`, dicts {completion (cut at the Codex stop sequences), sum_logprob,
+    mean_logprob, finish}. Prompts are sorted by length so each batch pads little; an over-long
+    prompt keeps its end; each batch gets as many new tokens as fit (at most max_new_tokens)."""
+    import tokenizer as tok  # text-level helper: the floor's tokenizer, imported where used
+    from tqdm import tqdm
+    eot_id, pad_id = tok.special_ids(enc)
+    block = model.config.block_size
+    toks = [enc.encode_ordinary(p)[-(block - 1):] for p in prompts]
+    order = sorted(range(len(toks)), key=lambda i: len(toks[i]))
+    out = [None] * len(toks)
+    was_training = model.training
+    model.eval()
+    for s in tqdm(range(0, len(order), batch_size), desc=desc, disable=desc is None, leave=False):
+        rows = order[s:s + batch_size]
+        new = min(max_new_tokens, block - max(len(toks[i]) for i in rows))
+        gen = generate(model, [toks[i] for i in rows], new, enc=enc, temperature=temperature, top_p=top_p,
+                       stop=STOP, eot_id=eot_id, pad_id=pad_id, generator=generator, banned=(pad_id,))
+        for j, i in enumerate(rows):
+            lp = gen.logprobs[j]
+            out[i] = {"completion": gen.texts[j], "sum_logprob": float(sum(lp)),
+                      "mean_logprob": float(sum(lp) / max(1, len(lp))), "finish": gen.finish[j]}
+    model.train(was_training)
+    return out
+
+
 def pad_right(seqs, pad_id, device="cpu"):
     """Right-pad token lists into (B, T) ids; returns (idx, lengths). With a causal model, padding
     after a row's end never changes that row's outputs, so no attention mask is needed."""

@@ -50,10 +50,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import common
-from evaluate import STOP
-from model import generate, load_checkpoint, save_checkpoint
+from data.tasks import load_problems
+from model import STOP, generate, load_checkpoint, save_checkpoint
 from reward import score_samples
-from sft import load_problems
 from tokenizer import special_ids
 
 

@@ -38,9 +38,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import common
-from model import POOLS, load_checkpoint, save_checkpoint, score_sequences
-from evaluate import sample_completions
-from sft import load_problems, split_holdout
+from data.tasks import load_problems
+from model import POOLS, load_checkpoint, sample_completions, save_checkpoint, score_sequences
+from sft import split_holdout
 from tokenizer import special_ids
 
 

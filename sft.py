@@ -24,9 +24,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import common
-from evaluate import sample_completions
+from data.tasks import load_problems
+from model import load_checkpoint, sample_completions, save_checkpoint
 from tokenizer import special_ids
-from model import load_checkpoint, save_checkpoint
+
 
 @dataclass
 class Config:
@@ -93,19 +94,6 @@ def collate(examples, pad_id):
         x[b, :n] = seq[:-1]
         y[b, n_prompt - 1:n] = seq[n_prompt:]
     return x, y, y != -1
-
-
-def load_problems(path, hint):
-    """{task_id: problem} from a HumanEval-format file, or a one-line error."""
-    from data.tasks import read_problems
-    common.require(path, hint)
-    try:
-        problems = read_problems(path)
-    except (OSError, ValueError, KeyError) as e:
-        common.die(f"{path}: not a problem file ({type(e).__name__}: {e})")
-    if not problems:
-        common.die(f"{path} holds no problems")
-    return problems
 
 
 def split_holdout(task_ids, n, seed):

@@ -116,6 +116,18 @@ def read_problems(path):
     return problems
 
 
+def load_problems(path, hint):
+    """{task_id: problem} from a HumanEval-format file, or a one-line error."""
+    common.require(path, hint)
+    try:
+        problems = read_problems(path)
+    except (OSError, ValueError, KeyError) as e:
+        common.die(f"{path}: not a problem file ({type(e).__name__}: {e})")
+    if not problems:
+        common.die(f"{path} holds no problems")
+    return problems
+
+
 # ----------------------------------------------------------------------------- problem specs
 
 @dataclasses.dataclass
