@@ -51,7 +51,7 @@ from tqdm import tqdm
 
 import common
 from data.tasks import load_problems
-from model import STOP, generate, load_checkpoint, save_checkpoint
+from model import STOP, generate, load_checkpoint, sample_completions, save_checkpoint
 from reward import score_samples
 from tokenizer import special_ids
 
@@ -59,6 +59,10 @@ from tokenizer import special_ids
 @dataclass
 class Config:
     run_name: str = ""            # output name: out/<preset>/<run_name>.pt ("" = "ppo", or "ppo_ptx" if ptx_coef > 0)
+    # the models ("" = the defaults under out_dir): policy init, frozen reference, reward model (+ value init)
+    init: str = ""                # default out_dir/sft.pt
+    ref: str = ""                 # default out_dir/sft.pt
+    rm: str = ""                  # default out_dir/rm.pt
     # rollouts
     iterations: int = 25          # rollout + update rounds
     batch_size: int = 128         # prompts (= completions) per rollout
@@ -71,6 +75,8 @@ class Config:
     target_kl: float = 6.0        # nats per completion
     kl_horizon: int = 10000       # completions over which beta may move by ~e^0.2
     no_stop_penalty: float = 1.0  # subtracted from the RM score when a completion never stops
+    reward_norm: bool = True      # score the RM in units of its spread over the reference's samples
+    norm_samples: int = 256       # reference samples that set the normalisation (mean 0, std 1)
     # PPO
     ppo_epochs: int = 2
     minibatch_size: int = 32
@@ -95,6 +101,8 @@ class Config:
     final_iters: int = 5          # results.json's kl / rm_score: mean over the last iterations
     eval_iters: int = 10          # held-out code loss batches (the alignment tax), before and after
     ckpt_interval: int = 10
+    kl_coefs: str = ""            # "0.01,0.03,0.1,0.3": one plain PPO per beta -> out_dir/kl_sweep.json
+    sweep_iterations: int = 0     # iterations of each sweep run (0: `iterations`)
     # runtime
     device: str = "auto"
     dtype: str = "auto"
@@ -142,6 +150,14 @@ def shaped_rewards(logp, ref_logp, score, no_stop, mask, kl_coef, no_stop_penalt
     rows = torch.arange(len(score), device=score.device)
     rewards[rows, last] += score - no_stop_penalty * no_stop.float()
     return rewards, kl
+
+
+def normalize_score(score, mean, std):
+    """The RM score in units of its spread over the reference policy's own samples (Ziegler et al.
+    2019 §2.2 / lm-human-preferences: the reward model's gain and bias are set so that samples of
+    the initial policy score mean 0, std 1):  r' = (r - mean) / std. Without it beta means
+    something different for every reward model: its scale against the KL penalty is arbitrary."""
+    return (score - mean) / std
 
 
 def gae(rewards, values, mask, gamma=1.0, lam=0.95):
@@ -331,25 +347,36 @@ def minibatch_loss(policy, value_model, batch, rows, ptx, cfg, pad_id):
 
 # ----------------------------------------------------------------------------- the loop
 
-def load_models(out_dir, device):
-    """policy <- sft.pt, reference = frozen sft.pt, value model <- rm.pt, reward = frozen rm.pt;
-    all in eval mode (dropout off). Returns (policy, ref, value_model, reward_model, sft_ckpt)."""
-    sft_path = common.require(out_dir / "sft.pt", "run `python sft.py` first")
-    rm_path = common.require(out_dir / "rm.pt", "run `python reward.py` first")
-    policy, sft_ckpt = load_checkpoint(sft_path, device)
-    ref, _ = load_checkpoint(sft_path, device)
-    value_model, rm_ckpt = load_checkpoint(rm_path, device)
+def model_paths(cfg, out_dir):
+    """(init, ref, rm) checkpoint paths: the config's, or out_dir's sft.pt, sft.pt and rm.pt."""
+    return (cfg.init or out_dir / "sft.pt", cfg.ref or out_dir / "sft.pt", cfg.rm or out_dir / "rm.pt")
+
+
+def load_models(init_path, ref_path, rm_path, device):
+    """policy <- init (sft.pt by default), reference = frozen ref (sft.pt), value model <- rm.pt,
+    reward = frozen rm.pt; all in eval mode (dropout off). Returns (policy, ref, value_model,
+    reward_model, ref_ckpt)."""
+    init_path = common.require(init_path, "run `python sft.py` first")
+    ref_path = common.require(ref_path, "run `python sft.py` first")
+    rm_path = common.require(rm_path, "run `python reward.py` first")
+    try:
+        policy, init_ckpt = load_checkpoint(init_path, device)
+        ref, ref_ckpt = load_checkpoint(ref_path, device)
+        value_model, rm_ckpt = load_checkpoint(rm_path, device)
+        reward_model, _ = load_checkpoint(rm_path, device)
+    except ValueError as e:
+        common.die(str(e))
     value_model.config = dataclasses.replace(value_model.config, loglik=False)  # V(s) = head(h_t) only
-    reward_model, _ = load_checkpoint(rm_path, device)
-    if policy.config.head != "lm" or value_model.config.head != "scalar":
-        common.die(f"expected a language model in {sft_path} and a reward model in {rm_path}")
-    if rm_ckpt["tokenizer"] != sft_ckpt["tokenizer"]:
-        common.die(f"{rm_path} and {sft_path} were trained with different tokenizers")
+    if policy.config.head != "lm" or ref.config.head != "lm" or value_model.config.head != "scalar":
+        common.die(f"expected language models in {init_path} and {ref_path} and a reward model in {rm_path}")
+    for path, ckpt in ((init_path, init_ckpt), (rm_path, rm_ckpt)):
+        if ckpt["tokenizer"] != ref_ckpt["tokenizer"]:
+            common.die(f"{path} and {ref_path} were trained with different tokenizers")
     for m in (ref, reward_model):
         m.requires_grad_(False)
     for m in (policy, ref, value_model, reward_model):
         m.eval()
-    return policy, ref, value_model, reward_model, sft_ckpt
+    return policy, ref, value_model, reward_model, ref_ckpt
 
 
 def load_prompts(out_dir, enc, max_len):
@@ -363,14 +390,34 @@ def load_prompts(out_dir, enc, max_len):
     return problems, task_ids
 
 
-def train(cfg, out_dir, resume=False, stop_at=None):
+@torch.no_grad()
+def score_stats(ref, reward_model, enc, problems, task_ids, cfg, ctx=nullcontext):
+    """(mean, std) of the RM score over cfg.norm_samples completions that the reference policy
+    samples for the ppo prompts at the rollout temperature: `normalize_score`'s constants. Its own
+    generator, so the run's random streams are the same with and without it."""
+    device = next(ref.parameters()).device
+    g = torch.Generator().manual_seed(cfg.seed + 1)
+    picks = torch.randint(len(task_ids), (cfg.norm_samples,), generator=g).tolist()
+    ids = [task_ids[i] for i in picks]
+    with ctx():
+        comps = sample_completions(ref, enc, [problems[t]["prompt"] for t in ids], cfg.max_new_tokens,
+                                   cfg.temperature, cfg.top_p, cfg.batch_size,
+                                   torch.Generator(device=device).manual_seed(cfg.seed + 1))
+        scores = torch.tensor(score_samples(reward_model, enc, problems,
+                                            [{"task_id": t, "completion": c["completion"]} for t, c in zip(ids, comps)],
+                                            cfg.minibatch_size))
+    return float(scores.mean()), float(scores.std().clamp(min=1e-6))
+
+
+def train(cfg, out_dir, resume=False, stop_at=None, record=True):
     """The PPO loop. Returns the list of per-iteration log rows. `stop_at` ends the run after that
-    iteration's checkpoint, as an interruption would (tests resume from there)."""
+    iteration's checkpoint, as an interruption would (tests resume from there); record=False keeps
+    the run out of results.json (the KL sweep's runs)."""
     import tokenizer
     run_name = cfg.run_name or ("ppo_ptx" if cfg.ptx_coef > 0 else "ppo")
     rt = common.setup_runtime(cfg.device, cfg.dtype, cfg.seed)
     device = rt.device
-    policy, ref, value_model, reward_model, sft_ckpt = load_models(out_dir, device)
+    policy, ref, value_model, reward_model, sft_ckpt = load_models(*model_paths(cfg, out_dir), device)
     enc = tokenizer.from_state(sft_ckpt["tokenizer"])
     _, pad_id = special_ids(enc)
     problems, task_ids = load_prompts(out_dir, enc, policy.config.block_size - cfg.max_new_tokens)
@@ -383,7 +430,7 @@ def train(cfg, out_dir, resume=False, stop_at=None):
     opt_value = common.make_optimizer(value_model, cfg.value_lr, cfg.weight_decay, (0.9, 0.95), device)
     rng = torch.Generator().manual_seed(cfg.seed)                     # prompts, minibatches, ptx batches
     sample_rng = torch.Generator(device=device).manual_seed(cfg.seed)  # the sampler
-    kl_coef, start, history = cfg.kl_coef, 0, []
+    kl_coef, start, history, norm = cfg.kl_coef, 0, [], (0.0, 1.0)
     ckpt_path = out_dir / f"{run_name}.pt"
     log_path = out_dir / "logs" / f"{run_name}.jsonl"
     if resume:
@@ -395,9 +442,13 @@ def train(cfg, out_dir, resume=False, stop_at=None):
         opt_value.load_state_dict(ckpt["value_optimizer"])
         rng.set_state(ckpt["rng"])
         sample_rng.set_state(ckpt["sample_rng"])
-        kl_coef, start = ckpt["kl_coef"], ckpt["step"]
+        kl_coef, start, norm = ckpt["kl_coef"], ckpt["step"], tuple(ckpt["score_norm"])
         rows = [json.loads(line) for line in log_path.read_text().splitlines()] if log_path.exists() else []
         history = [row for row in rows if row["iter"] < start]  # iterations after the checkpoint rerun
+    elif cfg.reward_norm:
+        norm = score_stats(ref, reward_model, enc, problems, task_ids, cfg, rt.ctx)
+        print(f"{run_name}: RM score over {cfg.norm_samples} reference samples: mean {norm[0]:.4f}, "
+              f"std {norm[1]:.4f} (the reward is (score - mean) / std)")
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log_path.write_text("".join(json.dumps(row) + "\n" for row in history))
 
@@ -410,7 +461,8 @@ def train(cfg, out_dir, resume=False, stop_at=None):
         save_checkpoint(ckpt_path, policy, tokenizer=sft_ckpt["tokenizer"], stage="ppo", step=iteration,
                         config=cfg, optimizer=opt_policy, extra={
                             "value_model": value_model.state_dict(), "value_optimizer": opt_value.state_dict(),
-                            "rng": rng.get_state(), "sample_rng": sample_rng.get_state(), "kl_coef": kl_coef})
+                            "rng": rng.get_state(), "sample_rng": sample_rng.get_state(), "kl_coef": kl_coef,
+                            "score_norm": list(norm)})
 
     code_loss_start = code_loss(ref)
     print(f"{run_name}: {len(task_ids)} prompts, {cfg.iterations} iterations x {cfg.batch_size} rollouts, "
@@ -434,7 +486,8 @@ def train(cfg, out_dir, resume=False, stop_at=None):
             mask = batch["mask"]
 
             # ---- 2. per-token rewards, advantages, returns
-            rewards, kl = shaped_rewards(batch["logp"], batch["ref_logp"], batch["score"], batch["no_stop"],
+            score = normalize_score(batch["score"], *norm)
+            rewards, kl = shaped_rewards(batch["logp"], batch["ref_logp"], score, batch["no_stop"],
                                          mask, kl_coef, cfg.no_stop_penalty)
             advantages, returns = gae(rewards, batch["values"], mask, cfg.gamma, cfg.lam)
             batch["advantages"] = whiten(advantages, mask)
@@ -497,19 +550,27 @@ def train(cfg, out_dir, resume=False, stop_at=None):
                 break
         bar.close()
     if history and history[-1]["iter"] == cfg.iterations - 1:
-        finish(run_name, cfg, out_dir, history, code_loss_start, code_loss(policy))
+        finish(run_name, cfg, out_dir, history, code_loss_start, code_loss(policy), record)
     common.cleanup_runtime(rt)
     return history
 
 
-def finish(run_name, cfg, out_dir, history, code_loss_start, code_loss_end):
+def final_means(history, n, keys=("kl", "rm_score", "gold_pass")):
+    """The mean of each logged quantity over the last n iterations (None where it was not logged)."""
+    final = history[-n:]
+    return {k: (None if any(r.get(k) is None for r in final) else sum(r[k] for r in final) / len(final))
+            for k in keys}
+
+
+def finish(run_name, cfg, out_dir, history, code_loss_start, code_loss_end, record=True):
     """Final summary: results.json, the over-optimisation table / plot, the time split."""
-    final = history[-cfg.final_iters:]
-    kl = sum(r["kl"] for r in final) / len(final)
-    score = sum(r["rm_score"] for r in final) / len(final)
-    common.update_results(out_dir, {"models": {run_name: {"kl": round(kl, 4), "rm_score": round(score, 4)}}})
+    final = final_means(history, cfg.final_iters)
+    kl, score = final["kl"], final["rm_score"]
+    if record:
+        common.update_results(out_dir, {"models": {run_name: {"kl": round(kl, 4), "rm_score": round(score, 4)}}})
     sec = {k: sum(r["seconds"][k] for r in history) / len(history) for k in history[0]["seconds"]}
-    print(f"{run_name}: final RM score {score:.3f}, KL {kl:.3f} nats (mean of the last {len(final)} iterations)")
+    print(f"{run_name}: final RM score {score:.3f}, KL {kl:.3f} nats (mean of the last "
+          f"{min(cfg.final_iters, len(history))} iterations)")
     print(f"{run_name}: seconds per iteration: " + ", ".join(f"{k} {v:.2f}" for k, v in sec.items()))
     if code_loss_end is not None:
         print(f"{run_name}: held-out code loss {code_loss_start:.4f} (SFT) -> {code_loss_end:.4f}")
@@ -546,6 +607,64 @@ def plot_overoptimization(history, stem, title):
     plt.close(fig)
 
 
+def kl_sweep(cfg, out_dir, preset, betas):
+    """Gao et al. 2022, Figure 1 "RL": one plain PPO per beta, each from the same init, reference and
+    RM, so that a smaller beta buys more KL. For each: kl, rm_score and gold_pass (means over the last
+    `final_iters` iterations' rollouts) and pass@1 on `test` with its 95% interval (evaluate.py, run as
+    a script: stages never import it). Writes out_dir/kl_sweep.json (after each beta) and
+    out_dir/kl_sweep.png with matplotlib; checkpoints, logs and samples go to out_dir/kl_sweep/."""
+    import subprocess
+    import sys
+    test = common.require(out_dir / "tasks" / "test.jsonl", "run `python data/tasks.py` first")
+    sweep_dir, rows = out_dir / "kl_sweep", []
+    for beta in betas:
+        name = f"beta{beta:g}"
+        run = dataclasses.replace(cfg, kl_coef=beta, ptx_coef=0.0, adaptive_kl=False, kl_coefs="",
+                                  run_name=f"kl_sweep/{name}", iterations=cfg.sweep_iterations or cfg.iterations)
+        history = train(run, out_dir, record=False)
+        subprocess.run([sys.executable, str(common.ROOT / "evaluate.py"), "--preset", preset, "--ckpt",
+                        str(sweep_dir / f"{name}.pt"), "--problems", str(test), "--out_dir", str(sweep_dir),
+                        "--model_name", name, "--k", "1,10"], check=True)
+        m = json.loads((sweep_dir / "results.json").read_text())["models"][name]
+        rows.append({"kl_coef": beta, **final_means(history, cfg.final_iters), "pass@1": m["pass@1"],
+                     "ci": m.get("ci", {}).get("pass@1"), "pass@10": m.get("pass@10"),
+                     "iterations": run.iterations})
+        (out_dir / "kl_sweep.json").write_text(json.dumps({"rows": rows}, indent=2) + "\n")
+        print(f"beta {beta:g}: KL {rows[-1]['kl']:.3f}, RM score {rows[-1]['rm_score']:.3f}, "
+              f"gold {rows[-1]['gold_pass']}, pass@1 {rows[-1]['pass@1']:.3f}")
+    plot_kl_sweep(rows, out_dir / "kl_sweep.png")
+    return rows
+
+
+def plot_kl_sweep(rows, path):
+    """Proxy (RM score) and gold (pass rate of the rollouts, and pass@1 on test) against KL, one
+    point per beta; skipped without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    rows = sorted(rows, key=lambda r: r["kl"])
+    kl = [r["kl"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(kl, [r["rm_score"] for r in rows], "o-", color="tab:blue", label="RM score (proxy)")
+    for r in rows:
+        ax.annotate(f"β={r['kl_coef']:g}", (r["kl"], r["rm_score"]), fontsize=7)
+    ax.set_xlabel("KL(policy || SFT), nats per completion")
+    ax.set_ylabel("RM score", color="tab:blue")
+    ax2 = ax.twinx()
+    if all(r["gold_pass"] is not None for r in rows):
+        ax2.plot(kl, [r["gold_pass"] for r in rows], "s-", color="tab:red", label="gold: rollouts' pass rate")
+    ax2.plot(kl, [r["pass@1"] for r in rows], "^--", color="tab:orange", label="gold: test pass@1")
+    ax2.set_ylabel("gold pass rate (execution)", color="tab:red")
+    fig.legend(loc="lower left", fontsize=7)
+    ax.set_title("PPO against the RM, one run per KL coefficient")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def main(argv=None):
     cfg, args = common.parse_config(
         Config, PRESETS, argv, description=__doc__.split("\n\n")[0],
@@ -555,6 +674,15 @@ def main(argv=None):
         common.die(f"batch_size {cfg.batch_size} is not a multiple of minibatch_size {cfg.minibatch_size}")
     if cfg.temperature <= 0:
         common.die("--temperature must be > 0 (PPO needs a stochastic policy)")
+    if cfg.kl_coefs:
+        try:
+            betas = [float(b) for b in cfg.kl_coefs.split(",") if b.strip()]
+        except ValueError:
+            betas = []
+        if not betas or min(betas) < 0:
+            common.die(f"--kl_coefs={cfg.kl_coefs}: expected non-negative numbers separated by commas")
+        kl_sweep(cfg, args.out_dir, args.preset, betas)
+        return
     train(cfg, args.out_dir, resume=args.resume)
 
 

@@ -167,7 +167,7 @@ def small_config(**kw):
 def test_rollout_logprobs_equal_a_fresh_forward_pass(out_dir):
     """The log-probs that the update uses as pi_old (recomputed on the padded batch) equal both the
     sampler's own and those of an unpadded forward pass of each row alone."""
-    policy, ref, value_model, reward_model, ckpt = ppo.load_models(out_dir, "cpu")
+    policy, ref, value_model, reward_model, ckpt = ppo.load_models(*ppo.model_paths(ppo.Config(), out_dir), "cpu")
     enc = tokenizer.from_state(ckpt["tokenizer"])
     problems = {p["task_id"]: p for p in PROBLEMS}
     cfg = small_config(temperature=0.8, max_new_tokens=24)
@@ -207,7 +207,7 @@ def test_value_model_reads_only_the_head_of_a_loglik_reward_model(out_dir, tmp_p
     rm, ckpt = load_checkpoint(out_dir / "rm.pt")
     rm.config.loglik = True
     save_checkpoint(tmp_path / "rm.pt", rm, tokenizer=ckpt["tokenizer"], stage="reward", step=0)
-    _, _, value_model, reward_model, _ = ppo.load_models(tmp_path, "cpu")
+    _, _, value_model, reward_model, _ = ppo.load_models(*ppo.model_paths(ppo.Config(), tmp_path), "cpu")
     assert reward_model.config.loglik and not value_model.config.loglik
     idx = torch.randint(0, 100, (1, 7))
     with torch.no_grad():
@@ -216,7 +216,7 @@ def test_value_model_reads_only_the_head_of_a_loglik_reward_model(out_dir, tmp_p
 
 def test_ptx_gradient_is_the_sum_of_the_ppo_and_lm_gradients(out_dir):
     """One combined PPO-ptx step's gradient = grad(PPO loss) + ptx_coef * grad(LM loss)."""
-    policy, ref, value_model, reward_model, ckpt = ppo.load_models(out_dir, "cpu")
+    policy, ref, value_model, reward_model, ckpt = ppo.load_models(*ppo.model_paths(ppo.Config(), out_dir), "cpu")
     enc = tokenizer.from_state(ckpt["tokenizer"])
     _, pad_id = tokenizer.special_ids(enc)
     problems = {p["task_id"]: p for p in PROBLEMS}
@@ -302,3 +302,50 @@ def test_cli_errors(out_dir, tmp_path, capsys):
     with pytest.raises(SystemExit):
         ppo.main(["--out_dir", str(out_dir), "--batch_size=5", "--minibatch_size=2"])
     assert "multiple of minibatch_size" in capsys.readouterr().err
+
+
+def test_normalize_score_hand_example_and_units():
+    # scores 1, 2, 3 with mean 2 and std 0.5 -> -2, 0, 2
+    assert torch.allclose(ppo.normalize_score(torch.tensor([1.0, 2.0, 3.0]), 2.0, 0.5),
+                          torch.tensor([-2.0, 0.0, 2.0]))
+    # the reference's own scores, normalised by their own mean and std, have mean 0 and std 1
+    scores = torch.randn(1000) * 0.07 - 0.3
+    z = ppo.normalize_score(scores, float(scores.mean()), float(scores.std()))
+    assert abs(float(z.mean())) < 1e-5 and float(z.std()) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_explicit_init_reference_and_rm_paths_are_the_models_used(out_dir, tmp_path):
+    """ppo.py --init/--ref/--rm: the policy, the reference and the reward / value models are
+    exactly those checkpoints (three different ones here), not out_dir's sft.pt and rm.pt."""
+    state = tokenizer.to_state(tokenizer.from_state(torch.load(out_dir / "sft.pt", weights_only=False)["tokenizer"]))
+    paths = {}
+    for name, seed, head in (("init", 1, "lm"), ("ref", 2, "lm"), ("rm", 3, "scalar")):
+        torch.manual_seed(seed)
+        cfg = GPTConfig(vocab_size=load_checkpoint(out_dir / "sft.pt")[0].config.vocab_size, block_size=96,
+                        n_layer=1, n_head=2, n_embd=32, bias=True, head=head)
+        paths[name] = tmp_path / f"{name}.pt"
+        save_checkpoint(paths[name], GPT(cfg), tokenizer=state, stage=name, step=0)
+    cfg = ppo.Config(init=str(paths["init"]), ref=str(paths["ref"]), rm=str(paths["rm"]))
+    policy, ref, value_model, reward_model, _ = ppo.load_models(*ppo.model_paths(cfg, out_dir), "cpu")
+    for model, name in ((policy, "init"), (ref, "ref"), (value_model, "rm"), (reward_model, "rm")):
+        saved = torch.load(paths[name], weights_only=False)["model"]
+        for k, v in model.state_dict().items():
+            assert torch.equal(v, saved[k]), (name, k)
+    assert ppo.model_paths(ppo.Config(), out_dir) == (out_dir / "sft.pt", out_dir / "sft.pt", out_dir / "rm.pt")
+
+
+def test_kl_sweep_writes_one_row_per_beta(out_dir, tmp_path):
+    import shutil
+    sweep = tmp_path / "out"
+    shutil.copytree(out_dir, sweep)
+    shutil.copy(sweep / "tasks" / "ppo.jsonl", sweep / "tasks" / "test.jsonl")
+    cfg = small_config(run_name="", kl_coefs="0.01,0.3", sweep_iterations=1, gold=True, workers=1, eval_iters=0,
+                       norm_samples=8)
+    rows = ppo.kl_sweep(cfg, sweep, "tiny", [0.01, 0.3])
+    saved = json.loads((sweep / "kl_sweep.json").read_text())["rows"]
+    assert saved == rows and [r["kl_coef"] for r in rows] == [0.01, 0.3]
+    for r in rows:
+        assert r["iterations"] == 1 and 0 <= r["pass@1"] <= 1 and 0 <= r["gold_pass"] <= 1
+        assert math.isfinite(r["kl"]) and math.isfinite(r["rm_score"])
+    results = sweep / "results.json"  # the sweep's runs stay out of the chain's results table
+    assert not results.exists() or not any("kl_sweep" in m for m in json.loads(results.read_text()).get("models", {}))
