@@ -510,3 +510,19 @@ def test_run_many_keeps_the_order_of_samples():
     assert rows[2]["result"] == "timed out"
     with pytest.raises(KeyError):
         run_many(problems, [{"task_id": "nope", "completion": ""}], progress=False)
+
+
+def test_identical_programs_run_once_and_share_the_verdict(sb, monkeypatch):
+    import execution
+    sent = []
+    send = execution._Worker.send
+    monkeypatch.setattr(execution._Worker, "send", lambda self, i, job: (sent.append(job["program"]), send(self, i, job))[1])
+    problems = {"toy/0": PROBLEM}
+    completions = ["    return a + b\n", "    return a - b\n", "    return a + b\n", "    return a - b\n",
+                   "    return a + b\n"]
+    samples = [{"task_id": "toy/0", "completion": c, "i": i} for i, c in enumerate(completions)]
+    rows = sb.run(problems, samples, timeout=TIMEOUT, frac=True, progress=False)
+    assert len(sent) == 2                                   # two distinct programs executed
+    assert [r["i"] for r in rows] == [0, 1, 2, 3, 4]
+    assert [r["passed"] for r in rows] == [True, False, True, False, True]
+    assert rows[0] is not rows[2] and rows[0]["frac"] == rows[2]["frac"] == 1.0
