@@ -94,23 +94,35 @@ def parse_config(config_cls, presets, argv=None, description=None, extra_args=No
     return config, args
 
 
+def _merge(dst, src):
+    """Deep-merge dict src into dst (nested dicts merged, anything else replaced)."""
+    for k, v in src.items():
+        if isinstance(v, dict) and isinstance(dst.get(k), dict):
+            _merge(dst[k], v)
+        else:
+            dst[k] = v
+
+
 def update_results(out_dir, update):
     """Deep-merge `update` into out_dir/results.json (the run's summary, DESIGN.md), atomically."""
     path = Path(out_dir) / "results.json"
     results = json.loads(path.read_text()) if path.exists() else {}
-
-    def merge(dst, src):
-        for k, v in src.items():
-            if isinstance(v, dict) and isinstance(dst.get(k), dict):
-                merge(dst[k], v)
-            else:
-                dst[k] = v
-    merge(results, update)
+    _merge(results, update)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(results, indent=2) + "\n")
     os.replace(tmp, path)
     return results
+
+
+def update_round(out_dir, r, update):
+    """Deep-merge `update` into flywheel round r's entry of results.json's `rounds` (a list, one
+    entry per round, sorted by round)."""
+    path = Path(out_dir) / "results.json"
+    rounds = json.loads(path.read_text()).get("rounds", []) if path.exists() else []
+    entries = {e["round"]: e for e in rounds}
+    _merge(entries.setdefault(r, {"round": r}), update)
+    return update_results(out_dir, {"rounds": [entries[k] for k in sorted(entries)]})
 
 
 def require(path, hint):

@@ -61,6 +61,11 @@ class Config:
     pool: str = "mean"             # r(x, y): "mean" of the head over the completion, or at the "last" token
     loglik: bool = True            # the head's outputs also count log p(token) under the tied unembedding
     holdout: float = 0.15          # fraction of the rm prompts held out for pairwise accuracy
+    # the flywheel (run.sh --rounds): round r samples from `policy`, trains on every round's comparisons
+    round: int = 1                 # round r > 1 writes comparisons_r<r>.jsonl and rm_r<r>.pt
+    policy: str = ""               # sample comparisons from this checkpoint (default out_dir/sft.pt)
+    init: str = ""                 # the RM's trunk (and loglik term) starts from this LM (default out_dir/sft.pt)
+    prev_rm: str = ""              # also report this RM's accuracy on this round's held-out comparisons
     device: str = "auto"
     dtype: str = "auto"
     seed: int = 1337
@@ -160,14 +165,16 @@ def score_samples(rm, enc, problems, samples, batch_size=64, progress=False):
 # ----------------------------------------------------------------------------- comparisons file
 
 def write_comparisons(path, rows):
-    """rows: dicts with task_id, prompt, completions (K strings), scores (K floats); JSONL."""
+    """rows: dicts with task_id, prompt, completions (K strings), scores (K floats), and the tags
+    round and policy (which flywheel round, which checkpoint sampled them) when present; JSONL."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:
         for r in rows:
+            tags = {k: r[k] for k in ("round", "policy") if k in r}
             f.write(json.dumps({"task_id": r["task_id"], "prompt": r["prompt"],
                                 "completions": list(r["completions"]),
-                                "scores": [float(s) for s in r["scores"]]}) + "\n")
+                                "scores": [float(s) for s in r["scores"]], **tags}) + "\n")
 
 
 def read_comparisons(path):
@@ -248,31 +255,46 @@ def center_bias(rm, seqs, pad_id, batch_size=64):
     return mean
 
 
+def round_name(stem, r, suffix):
+    """Round 1's file keeps the plain name (comparisons.jsonl, rm.pt); round r > 1 adds _r<r>."""
+    return f"{stem}{suffix}" if r == 1 else f"{stem}_r{r}{suffix}"
+
+
 def train(cfg, out_dir, comparisons=None):
-    """Build (or read) the comparisons, train the RM on them, write out_dir/rm.pt. Returns a summary."""
+    """Build (or read) the comparisons, train the RM on them, write out_dir/rm.pt (rm_r<r>.pt in
+    round r > 1). `comparisons`: existing comparison files to train on; fresh ones are sampled from
+    cfg.policy when there are none or when cfg.policy is set (a flywheel round: the new samples are
+    added to the old ones). Returns a summary."""
     import tokenizer as tok
     rt = common.setup_runtime(cfg.device, cfg.dtype, cfg.seed)
-    sft_path = common.require(out_dir / "sft.pt", "run `python sft.py` first")
+    init_path = common.require(cfg.init or out_dir / "sft.pt", "run `python sft.py` first")
     problems = load_problems(out_dir / "tasks" / "rm.jsonl", "run `python data/tasks.py` first")
     t0 = time.time()
 
-    # ---- 1. comparisons: sample K per prompt from the SFT policy, label by execution
-    cmp_path = out_dir / "comparisons.jsonl"
-    if comparisons is None:
+    # ---- 1. comparisons: sample K per prompt from the policy (SFT in round 1), label by execution
+    rows = [r for path in comparisons or [] for r in read_comparisons(path)]
+    fresh = []
+    if not comparisons or cfg.policy:
         if not 2 <= cfg.k:
             common.die(f"--k={cfg.k}: need at least 2 completions per prompt (InstructGPT: 4..9)")
-        policy, ckpt = load_checkpoint(sft_path, rt.device)
+        policy_path = common.require(cfg.policy or out_dir / "sft.pt", "train that policy first")
+        policy, ckpt = load_checkpoint(policy_path, rt.device)
         enc = tok.from_state(ckpt["tokenizer"])
-        rows = make_comparisons(policy, enc, problems, cfg, torch.Generator(rt.device).manual_seed(cfg.seed))
+        with rt.ctx():
+            fresh = make_comparisons(policy, enc, problems, cfg, torch.Generator(rt.device).manual_seed(cfg.seed))
         del policy
-        write_comparisons(cmp_path, rows)
-        print(f"comparisons -> {cmp_path} ({time.time() - t0:.0f}s)")
-    else:
-        rows = read_comparisons(comparisons)
+        for r in fresh:
+            r.update(round=cfg.round, policy=str(policy_path))
+        cmp_path = out_dir / round_name("comparisons", cfg.round, ".jsonl")
+        write_comparisons(cmp_path, fresh)
+        print(f"comparisons of {policy_path} (round {cfg.round}) -> {cmp_path} ({time.time() - t0:.0f}s)")
+    rows += fresh
     t_label = time.time() - t0
 
-    # ---- 2. the reward model: the SFT trunk with a fresh scalar head
-    rm, ckpt = load_checkpoint(sft_path, rt.device, head="scalar")
+    # ---- 2. the reward model: the SFT trunk with a fresh scalar head (every round: a new RM on all
+    #      comparisons so far, not the last RM trained again: InstructGPT's one epoch, and the loglik
+    #      term stays the SFT model's likelihood)
+    rm, ckpt = load_checkpoint(init_path, rt.device, head="scalar")
     rm.config = dataclasses.replace(rm.config, pool=cfg.pool, loglik=cfg.loglik)
     if cfg.loglik:  # start exactly at the SFT model's mean log-likelihood of the completion
         torch.nn.init.zeros_(rm.score_head.weight)
@@ -280,7 +302,9 @@ def train(cfg, out_dir, comparisons=None):
     eot_id, pad_id = special_ids(enc)
     block = rm.config.block_size
     useful = [r for r in rows if n_pairs(r["scores"]) > 0]  # a prompt whose K scores all tie teaches nothing
-    task_ids = sorted({r["task_id"] for r in useful})        # (a file may rank one prompt more than once)
+    # held-out prompts: split over all the rm prompts, so the split is the same in every round (a file
+    # may also rank one prompt more than once: all its rankings fall on one side)
+    task_ids = sorted(set(problems) | {r["task_id"] for r in useful})
     train_ids, val_ids = split_holdout(task_ids, round(cfg.holdout * len(task_ids)), cfg.seed)
     val_set = set(val_ids)
 
@@ -288,6 +312,8 @@ def train(cfg, out_dir, comparisons=None):
         return [rm_sequence(enc, r["prompt"], c, block, eot_id) for c in r["completions"]], r["scores"]
     train_groups = [group(r) for r in useful if r["task_id"] not in val_set]
     val_groups = [group(r) for r in useful if r["task_id"] in val_set]
+    # this round's fresh comparisons on held-out prompts: the distribution the next PPO will see
+    fresh_val = [group(r) for r in fresh if r["task_id"] in val_set and n_pairs(r["scores"]) > 0]
     n_train = sum(n_pairs(s) for _, s in train_groups)
     n_val = sum(n_pairs(s) for _, s in val_groups)
     scores = [s for r in rows for s in r["scores"]]
@@ -328,20 +354,35 @@ def train(cfg, out_dir, comparisons=None):
     bar.close()
     val_acc, val_loss, _ = evaluate_accuracy(rm, val_groups, pad_id, cfg.batch_size)
     t_train = time.time() - t1
+    shift = {}  # accuracy on this round's fresh held-out comparisons: the previous RM's, then the new one's
+    if fresh_val:
+        before = acc0
+        if cfg.prev_rm:
+            prev, _ = load_checkpoint(common.require(cfg.prev_rm, "the previous round's RM"), rt.device)
+            before, _, _ = evaluate_accuracy(prev, fresh_val, pad_id, cfg.batch_size)
+            del prev
+        after, _, n_fresh = evaluate_accuracy(rm, fresh_val, pad_id, cfg.batch_size)
+        shift = {"rm_accuracy_before": round(before, 4), "rm_accuracy_after": round(after, 4),
+                 "n_fresh_val_comparisons": n_fresh}
+        print(f"round {cfg.round}: on the held-out comparisons of {cfg.policy or 'sft.pt'}'s samples, "
+              f"accuracy {before:.3f} ({cfg.prev_rm or 'before training'}) -> {after:.3f}")
 
     # ---- 3. normalise: reference solutions of the rm prompts score 0 on average
     refs = [rm_sequence(enc, p["prompt"], p["canonical_solution"], block, eot_id) for p in problems.values()]
     old_mean = center_bias(rm, refs, pad_id)
 
-    out_path = out_dir / "rm.pt"
+    out_path = out_dir / round_name("rm", cfg.round, ".pt")
     save_checkpoint(out_path, rm, tokenizer=ckpt["tokenizer"], stage="reward", step=step, config=cfg,
                     extra={"val_accuracy": val_acc, "n_comparisons": n_train, "heldout": val_ids})
-    common.update_results(out_dir, {"reward_model": {"val_accuracy": round(val_acc, 4),
-                                                     "n_comparisons": n_train}})
+    if cfg.round == 1:
+        common.update_results(out_dir, {"reward_model": {"val_accuracy": round(val_acc, 4),
+                                                         "n_comparisons": n_train}})
+    common.update_round(out_dir, cfg.round, {"n_comparisons": n_train, "rm_val_accuracy": round(val_acc, 4),
+                                             **shift})
     print(f"held-out pairwise accuracy {val_acc:.3f} over {n_val} pairs (before training {acc0:.3f}), "
           f"held-out loss {val_loss:.4f}; reference mean score {old_mean:+.3f} -> 0; "
           f"labels {t_label:.0f}s, training {t_train:.0f}s; checkpoint {out_path}")
-    return {"val_accuracy": val_acc, "val_accuracy_before": acc0, "val_loss": val_loss,
+    return {**shift, "val_accuracy": val_acc, "val_accuracy_before": acc0, "val_loss": val_loss,
             "n_comparisons": n_train, "n_val_comparisons": n_val, "label_seconds": round(t_label, 1),
             "train_seconds": round(t_train, 1)}
 
@@ -374,9 +415,9 @@ def score_file(samples_path, problems_path, ckpt_path, output, device="cpu"):
 
 def main(argv=None):
     def extra(p):
-        p.add_argument("--comparisons", metavar="FILE",
-                       help="train on this comparisons file (task_id, prompt, completions, scores) "
-                            "instead of sampling and labelling new ones")
+        p.add_argument("--comparisons", metavar="FILE[,FILE...]",
+                       help="train on these comparisons files (task_id, prompt, completions, scores) "
+                            "instead of sampling and labelling new ones (with --policy=PT: as well as)")
         p.add_argument("--score", metavar="SAMPLES",
                        help="do not train: add the RM score (rm_score) to every row of this samples file")
         p.add_argument("--problems", metavar="FILE", help="with --score: the problems the samples answer "
@@ -398,7 +439,10 @@ def main(argv=None):
         common.die(f"--pool={cfg.pool}: one of {', '.join(POOLS)}")
     if not 0 <= cfg.holdout < 1:
         common.die(f"--holdout={cfg.holdout}: a fraction in [0, 1)")
-    train(cfg, args.out_dir, comparisons=args.comparisons)
+    if cfg.round < 1:
+        common.die(f"--round={cfg.round}: rounds count from 1")
+    files = [f for f in (args.comparisons or "").split(",") if f]
+    train(cfg, args.out_dir, comparisons=files or None)
 
 
 if __name__ == "__main__":

@@ -194,7 +194,7 @@ def test_reward_end_to_end_on_a_comparisons_file(tmp_path, enc, loglik):
     (tmp_path / "tasks" / "rm.jsonl").write_text("".join(json.dumps(p) + "\n" for p in problems))
     reward.write_comparisons(tmp_path / "mine.jsonl", rows)
     cfg = reward.Config(epochs=4, batch_size=4, lr=3e-3, warmup_iters=2, holdout=0.25, device="cpu", loglik=loglik)
-    summary = reward.train(cfg, tmp_path, comparisons=tmp_path / "mine.jsonl")
+    summary = reward.train(cfg, tmp_path, comparisons=[tmp_path / "mine.jsonl"])
     rm, ckpt = load_checkpoint(tmp_path / "rm.pt")
     assert ckpt["stage"] == "reward" and rm.config.head == "scalar" and rm.config.pool == cfg.pool
     assert rm.config.loglik == loglik
@@ -223,7 +223,7 @@ def test_loglik_rm_starts_at_the_sft_mean_log_likelihood(tmp_path, enc):
     reward.write_comparisons(tmp_path / "c.jsonl", rows)
     cfg = reward.Config(lr=0.0, holdout=0.25, device="cpu")
     assert cfg.loglik
-    reward.train(cfg, tmp_path, comparisons=tmp_path / "c.jsonl")
+    reward.train(cfg, tmp_path, comparisons=[tmp_path / "c.jsonl"])
     rm, _ = load_checkpoint(tmp_path / "rm.pt")
     assert rm.config.loglik
     eot, pad = tok.special_ids(enc)
@@ -265,5 +265,36 @@ def test_a_prompt_ranked_twice_keeps_both_rankings_on_one_side_of_the_split(tmp_
     rows.append({**rows[0], "scores": [0.0, 0.0, 0.0]})            # all tied: no comparison
     reward.write_comparisons(tmp_path / "c.jsonl", rows)
     cfg = reward.Config(batch_size=2, holdout=0.25, device="cpu")
-    summary = reward.train(cfg, tmp_path, comparisons=tmp_path / "c.jsonl")
+    summary = reward.train(cfg, tmp_path, comparisons=[tmp_path / "c.jsonl"])
     assert summary["n_comparisons"] == 3 * (2 + 3) and summary["n_val_comparisons"] == 2 + 3
+
+
+def test_two_rounds_of_comparisons_merge_with_tags_and_keep_one_heldout_split(tmp_path, enc):
+    """The flywheel: round 2 trains on round 1's comparisons plus its own (tags kept), writes
+    rm_r2.pt, and holds out the same prompts as round 1 (the split is by prompt, over the rm split)."""
+    torch.manual_seed(0)
+    sft_model = GPT(GPTConfig(vocab_size=enc.n_vocab, block_size=64, n_layer=1, n_head=2, n_embd=32))
+    save_checkpoint(tmp_path / "sft.pt", sft_model, tokenizer=tok.to_state(enc), stage="sft", step=0)
+    problems = [{"task_id": f"t/{i}", "prompt": f"def f{i}(x):\n", "canonical_solution": "    return x\n",
+                 "test": "", "entry_point": f"f{i}"} for i in range(20)]
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "rm.jsonl").write_text("".join(json.dumps(p) + "\n" for p in problems))
+    one = [{"task_id": p["task_id"], "prompt": p["prompt"], "completions": ["    return x\n", "    pass\n"],
+            "scores": [1.0, 0.0], "round": 1, "policy": "sft.pt"} for p in problems[:12]]  # 12 prompts ranked
+    two = [{"task_id": p["task_id"], "prompt": p["prompt"], "completions": ["    return x\n", "    x\n", "    pass\n"],
+            "scores": [1.0, 0.5, 0.0], "round": 2, "policy": "ppo.pt"} for p in problems[6:]]  # 14, 6 shared
+    reward.write_comparisons(tmp_path / "c1.jsonl", one)
+    reward.write_comparisons(tmp_path / "c2.jsonl", two)
+    assert reward.read_comparisons(tmp_path / "c2.jsonl") == two  # the tags survive the file
+    s1 = reward.train(reward.Config(holdout=0.25, device="cpu"), tmp_path, comparisons=[tmp_path / "c1.jsonl"])
+    s2 = reward.train(reward.Config(holdout=0.25, device="cpu", round=2), tmp_path,
+                      comparisons=[tmp_path / "c1.jsonl", tmp_path / "c2.jsonl"])
+    held1 = torch.load(tmp_path / "rm.pt", weights_only=False)["heldout"]
+    held2 = torch.load(tmp_path / "rm_r2.pt", weights_only=False)["heldout"]
+    assert held1 == held2 and len(held1) == 5              # 25% of the 20 rm prompts, in both rounds
+    n1 = sum(1 for r in one if r["task_id"] not in held1)
+    n2 = sum(3 for r in two if r["task_id"] not in held1)
+    assert s1["n_comparisons"] == n1 and s2["n_comparisons"] == n1 + n2
+    rounds = json.loads((tmp_path / "results.json").read_text())["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2]
+    assert [r["n_comparisons"] for r in rounds] == [n1, n1 + n2]
