@@ -1,11 +1,23 @@
 #!/usr/bin/env bash
 # flywheel: the whole Codex + InstructGPT chain for one preset, ending in out/<preset>/results.json.
-#   bash run.sh          # tiny: CPU, ~15-25 minutes on 2 cores
-#   bash run.sh small    # one GPU
+#   bash run.sh                      # tiny: CPU, ~15-25 minutes on 2 cores
+#   bash run.sh small                # one GPU
+#   bash run.sh tiny --rounds 2      # iterate comparisons -> reward model -> PPO once more (the flywheel)
+#   bash run.sh tiny --resume        # skip the stages that finished, continue an interrupted one
 set -euo pipefail
 cd "$(dirname "$0")"
-PRESET=${1:-tiny}
-case $PRESET in tiny|small) ;; *) echo "usage: bash run.sh [tiny|small]" >&2; exit 2;; esac
+usage() { echo "usage: bash run.sh [tiny|small] [--rounds N] [--resume]" >&2; exit 2; }
+PRESET=tiny ROUNDS=1 RESUME=0
+while [ $# -gt 0 ]; do
+  case $1 in
+    tiny|small) PRESET=$1;;
+    --rounds) [[ ${2:-} =~ ^[1-9][0-9]*$ ]] || usage; ROUNDS=$2; shift;;
+    --rounds=*) ROUNDS=${1#--rounds=}; [[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || usage;;
+    --resume) RESUME=1;;
+    *) usage;;
+  esac
+  shift
+done
 OUT=out/$PRESET
 # glibc: keep big freed blocks for reuse instead of returning them to the OS; fresh pages are what
 # makes CPU training slow here (logits tensors are allocated every step).
@@ -13,13 +25,19 @@ export MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=68719476736
 # OpenMP threads sleep instead of spinning while they wait: with anything else running on a small
 # CPU, spinning threads made every stage several times slower here.
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
+# --resume: a stage whose stamp out/<preset>/done/<name> exists is skipped; without it, start fresh.
+DONE=$OUT/done
 mkdir -p "$OUT"
-rm -f "$OUT/results.json"
+if [ $RESUME = 0 ]; then  # (and no checkpoint of an earlier run that a later --resume could mistake for ours)
+  rm -rf "$DONE" "$OUT/results.json" "$OUT"/*.pt
+fi
+mkdir -p "$DONE"
 python -c "import common, sys; common.update_results(sys.argv[1], {'preset': sys.argv[2]})" "$OUT" "$PRESET"
 T0=$(date +%s)
 
-stage() {  # stage KEY COMMAND...: run COMMAND, add its wall time to results.json's seconds.KEY
-  local key=$1; shift
+stage() {  # stage NAME KEY COMMAND...: run COMMAND unless stamped done; add its wall time to seconds.KEY
+  local name=$1 key=$2; shift 2
+  if [ -e "$DONE/$name" ]; then echo "=== [$key] $name: done, skipped (--resume)"; return; fi
   echo "=== [$key] $*"
   local t=$(date +%s)
   "$@"
@@ -31,16 +49,20 @@ p = Path(out) / "results.json"
 seconds = json.loads(p.read_text()).get("seconds", {}) if p.exists() else {}
 common.update_results(out, {"seconds": {key: seconds.get(key, 0) + dt}})
 PY
+  touch "$DONE/$name"
+}
+resume_flag() {  # --resume for a script that can continue exactly from its own checkpoint FILE
+  if [ $RESUME = 1 ] && [ -e "$1" ]; then echo --resume; fi
 }
 
 VOCAB=$(python data/code.py --preset "$PRESET" --print_vocab_size)
 EVAL="--problems $OUT/tasks/test.jsonl"
 
 # 1. corpus, tokenizer, tokenized corpus (Codex §3.1-3.2)
-stage tokenizer python data/code.py --preset "$PRESET"
-stage tokenizer python tokenizer.py --input "$OUT/code/train" --vocab_size "$VOCAB" --out "$OUT/tokenizer.json" \
-    --eval "$OUT/code/val" --report "$OUT/tokenizer_report.json"
-stage tokenizer python data/code.py --preset "$PRESET" --tokenize
+stage corpus tokenizer python data/code.py --preset "$PRESET"
+stage tokenizer tokenizer python tokenizer.py --input "$OUT/code/train" --vocab_size "$VOCAB" \
+    --out "$OUT/tokenizer.json" --eval "$OUT/code/val" --report "$OUT/tokenizer_report.json"
+stage tokenize tokenizer python data/code.py --preset "$PRESET" --tokenize
 python - "$OUT" <<'PY'
 import json, sys, common
 from pathlib import Path
@@ -48,24 +70,44 @@ report = json.loads((Path(sys.argv[1]) / "tokenizer_report.json").read_text())
 common.update_results(sys.argv[1], {"tokenizer": {k: report[k] for k in ("vocab_size", "bytes_per_token", "bytes_per_token_no_ws")}})
 PY
 # 2. the programming problems (HumanEval format) and the base model
-stage evaluate python data/tasks.py --preset "$PRESET"
-stage pretrain python pretrain.py --preset "$PRESET"
-stage evaluate python evaluate.py --preset "$PRESET" --ckpt "$OUT/base.pt" $EVAL --model_name base
+stage tasks evaluate python data/tasks.py --preset "$PRESET"
+stage pretrain pretrain python pretrain.py --preset "$PRESET" $(resume_flag "$OUT/base.pt")
+stage eval_base evaluate python evaluate.py --preset "$PRESET" --ckpt "$OUT/base.pt" $EVAL --model_name base
 # 3. InstructGPT step 1: supervised fine-tuning on demonstrations
-stage sft python sft.py --preset "$PRESET"
+stage sft sft python sft.py --preset "$PRESET"
 # 4. step 2: comparisons labelled by execution, reward model; then SFT's pass@k and best-of-n by RM score
-stage reward python reward.py --preset "$PRESET"
-stage evaluate python evaluate.py --preset "$PRESET" --ckpt "$OUT/sft.pt" $EVAL --model_name sft --rm "$OUT/rm.pt"
+stage reward reward python reward.py --preset "$PRESET"
+stage eval_sft evaluate python evaluate.py --preset "$PRESET" --ckpt "$OUT/sft.pt" $EVAL --model_name sft --rm "$OUT/rm.pt"
 # 5. step 3: PPO against the reward model, without and with pretraining-gradient mixing
-stage ppo python ppo.py --preset "$PRESET" --ptx_coef=0 --run_name=ppo
-stage evaluate python evaluate.py --preset "$PRESET" --ckpt "$OUT/ppo.pt" $EVAL --model_name ppo
-stage ppo python ppo.py --preset "$PRESET" --run_name=ppo_ptx
-stage evaluate python evaluate.py --preset "$PRESET" --ckpt "$OUT/ppo_ptx.pt" $EVAL --model_name ppo_ptx
+stage ppo ppo python ppo.py --preset "$PRESET" --ptx_coef=0 --run_name=ppo $(resume_flag "$OUT/ppo.pt")
+stage eval_ppo evaluate python evaluate.py --preset "$PRESET" --ckpt "$OUT/ppo.pt" $EVAL --model_name ppo
+stage ppo_ptx ppo python ppo.py --preset "$PRESET" --run_name=ppo_ptx $(resume_flag "$OUT/ppo_ptx.pt")
+stage eval_ppo_ptx evaluate python evaluate.py --preset "$PRESET" --ckpt "$OUT/ppo_ptx.pt" $EVAL --model_name ppo_ptx
+python -c "import common, sys, json; m = json.load(open(sys.argv[1] + '/results.json'))['models']['ppo']; \
+common.update_round(sys.argv[1], 1, {'policy': m})" "$OUT"
+
+# 6. the flywheel (InstructGPT: "steps 2 and 3 can be iterated continuously"): round r samples new
+#    comparisons from round r-1's policy, trains a new RM on all comparisons so far, and continues
+#    PPO from that policy against it, with the KL penalty still to the SFT model
+for (( R = 2; R <= ROUNDS; R++ )); do
+  P=$(( R - 1 )); SUF=_r$R; PSUF=$([ $P = 1 ] && echo "" || echo "_r$P")
+  CMPS=$OUT/comparisons.jsonl
+  for (( Q = 2; Q < R; Q++ )); do CMPS=$CMPS,$OUT/comparisons_r$Q.jsonl; done
+  stage reward$SUF reward python reward.py --preset "$PRESET" --round=$R --policy="$OUT/ppo$PSUF.pt" \
+      --comparisons "$CMPS" --prev_rm="$OUT/rm$PSUF.pt"
+  stage ppo$SUF ppo python ppo.py --preset "$PRESET" --ptx_coef=0 --run_name=ppo$SUF --init="$OUT/ppo$PSUF.pt" \
+      --ref="$OUT/sft.pt" --rm="$OUT/rm$SUF.pt" $(resume_flag "$OUT/ppo$SUF.pt")
+  stage eval_ppo$SUF evaluate python evaluate.py --preset "$PRESET" --ckpt "$OUT/ppo$SUF.pt" $EVAL --model_name ppo$SUF
+  python -c "import common, sys, json; m = json.load(open(sys.argv[1] + '/results.json'))['models'][sys.argv[2]]; \
+common.update_round(sys.argv[1], int(sys.argv[3]), {'policy': m})" "$OUT" "ppo$SUF" "$R"
+done
 
 python - "$OUT" "$(( $(date +%s) - T0 ))" <<'PY'
 import json, sys, common
 from pathlib import Path
-common.update_results(sys.argv[1], {"seconds": {"total": float(sys.argv[2])}})
+p = Path(sys.argv[1]) / "results.json"  # (a resumed run adds its time to the earlier runs')
+before = json.loads(p.read_text()).get("seconds", {}).get("total", 0) if p.exists() else 0
+common.update_results(sys.argv[1], {"seconds": {"total": before + float(sys.argv[2])}})
 print(json.dumps(json.loads((Path(sys.argv[1]) / "results.json").read_text()), indent=2))
 PY
 python evaluate.py --table "$OUT/results.json"
