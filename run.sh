@@ -1,12 +1,34 @@
 #!/usr/bin/env bash
 # flywheel: the whole Codex + InstructGPT chain for one preset, ending in out/<preset>/results.json.
-#   bash run.sh          # tiny: CPU, ~15-25 minutes on 2 cores
-#   bash run.sh small    # one GPU
+#   bash run.sh                  # tiny: CPU, ~15-25 minutes on 2 cores
+#   bash run.sh small            # one GPU
+#   bash run.sh small --smoke    # small's code paths and shapes, tiny step counts and data: a CPU, minutes
+# Outputs go to out/<preset> (out/<preset>_smoke with --smoke), or to $OUT_DIR when it is set.
 set -euo pipefail
 cd "$(dirname "$0")"
-PRESET=${1:-tiny}
-case $PRESET in tiny|small) ;; *) echo "usage: bash run.sh [tiny|small]" >&2; exit 2;; esac
-OUT=out/$PRESET
+PRESET=tiny SMOKE=
+for arg in "$@"; do
+  case $arg in
+    tiny|small) PRESET=$arg;;
+    --smoke) SMOKE=1;;
+    *) echo "usage: bash run.sh [preset] [--smoke]   (preset: tiny or small)" >&2; exit 2;;
+  esac
+done
+OUT=${OUT_DIR:-out/$PRESET${SMOKE:+_smoke}}
+# --smoke: every stage keeps the preset's code paths and shapes (vocabulary, block_size,
+# max_new_tokens, batch / minibatch divisibility, K, sandbox workers, dtype "auto") with steps and
+# data shrunk; the model is 2 layers x 64 wide. A model this small passes no test, so all K samples
+# of a prompt would tie: reward.py also ranks each prompt's reference solution (--references).
+X_CODE= X_TASKS= X_PRE= X_SFT= X_RM= X_PPO= X_EVAL=
+if [ -n "$SMOKE" ]; then
+  X_CODE="--max_bytes=1500000"
+  X_TASKS="--n_sft=64 --n_rm=8 --n_ppo=32 --n_test=8"
+  X_PRE="--n_layer=2 --n_embd=64 --batch_size=4 --max_iters=4 --warmup_iters=2 --eval_interval=2 --eval_iters=2"
+  X_SFT="--epochs=1 --holdout=8"
+  X_RM="--references"
+  X_PPO="--iterations=2 --batch_size=32 --minibatch_size=16 --ptx_batch_size=4 --eval_iters=2"
+  X_EVAL="--n=2 --val_iters=2"
+fi
 # glibc: keep big freed blocks for reuse instead of returning them to the OS; fresh pages are what
 # makes CPU training slow here (logits tensors are allocated every step).
 export MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=68719476736
@@ -34,13 +56,14 @@ PY
 }
 
 VOCAB=$(python data/code.py --preset "$PRESET" --print_vocab_size)
-EVAL="--problems $OUT/tasks/test.jsonl"
+EVAL="--problems $OUT/tasks/test.jsonl --out_dir $OUT $X_EVAL"
+O="--preset $PRESET --out_dir $OUT"
 
 # 1. corpus, tokenizer, tokenized corpus (Codex §3.1-3.2)
-stage tokenizer python data/code.py --preset "$PRESET"
+stage tokenizer python data/code.py $O $X_CODE
 stage tokenizer python tokenizer.py --input "$OUT/code/train" --vocab_size "$VOCAB" --out "$OUT/tokenizer.json" \
     --eval "$OUT/code/val" --report "$OUT/tokenizer_report.json"
-stage tokenizer python data/code.py --preset "$PRESET" --tokenize
+stage tokenizer python data/code.py $O $X_CODE --tokenize
 python - "$OUT" <<'PY'
 import json, sys, common
 from pathlib import Path
@@ -48,18 +71,18 @@ report = json.loads((Path(sys.argv[1]) / "tokenizer_report.json").read_text())
 common.update_results(sys.argv[1], {"tokenizer": {k: report[k] for k in ("vocab_size", "bytes_per_token", "bytes_per_token_no_ws")}})
 PY
 # 2. the programming problems (HumanEval format) and the base model
-stage evaluate python data/tasks.py --preset "$PRESET"
-stage pretrain python pretrain.py --preset "$PRESET"
+stage evaluate python data/tasks.py $O $X_TASKS
+stage pretrain python pretrain.py $O $X_PRE
 stage evaluate python evaluate.py --preset "$PRESET" --ckpt "$OUT/base.pt" $EVAL --model_name base
 # 3. InstructGPT step 1: supervised fine-tuning on demonstrations
-stage sft python sft.py --preset "$PRESET"
+stage sft python sft.py $O $X_SFT
 # 4. step 2: comparisons labelled by execution, reward model; then SFT's pass@k and best-of-n by RM score
-stage reward python reward.py --preset "$PRESET"
+stage reward python reward.py $O $X_RM
 stage evaluate python evaluate.py --preset "$PRESET" --ckpt "$OUT/sft.pt" $EVAL --model_name sft --rm "$OUT/rm.pt"
 # 5. step 3: PPO against the reward model, without and with pretraining-gradient mixing
-stage ppo python ppo.py --preset "$PRESET" --ptx_coef=0 --run_name=ppo
+stage ppo python ppo.py $O $X_PPO --ptx_coef=0 --run_name=ppo
 stage evaluate python evaluate.py --preset "$PRESET" --ckpt "$OUT/ppo.pt" $EVAL --model_name ppo
-stage ppo python ppo.py --preset "$PRESET" --run_name=ppo_ptx
+stage ppo python ppo.py $O $X_PPO --run_name=ppo_ptx
 stage evaluate python evaluate.py --preset "$PRESET" --ckpt "$OUT/ppo_ptx.pt" $EVAL --model_name ppo_ptx
 
 python - "$OUT" "$(( $(date +%s) - T0 ))" <<'PY'
