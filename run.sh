@@ -3,7 +3,7 @@
 #   bash run.sh                  # tiny: CPU, ~15-25 minutes on 2 cores
 #   bash run.sh small            # one GPU
 #   bash run.sh small --smoke    # small's code paths and shapes, tiny step counts and data: a CPU, minutes
-# Outputs go to out/<preset> (out/<preset>_smoke with --smoke), or to $OUT_DIR when it is set.
+# Outputs go to out/<preset> (out/<preset>_smoke with --smoke), or to $FLYWHEEL_OUT when it is set.
 set -euo pipefail
 cd "$(dirname "$0")"
 PRESET=tiny SMOKE=
@@ -14,7 +14,7 @@ for arg in "$@"; do
     *) echo "usage: bash run.sh [preset] [--smoke]   (preset: tiny or small)" >&2; exit 2;;
   esac
 done
-OUT=${OUT_DIR:-out/$PRESET${SMOKE:+_smoke}}
+OUT=${FLYWHEEL_OUT:-out/$PRESET${SMOKE:+_smoke}}
 # --smoke: every stage keeps the preset's code paths and shapes (vocabulary, block_size,
 # max_new_tokens, batch / minibatch divisibility, K, sandbox workers, dtype "auto") with steps and
 # data shrunk; the model is 2 layers x 64 wide. A model this small passes no test, so all K samples
@@ -22,7 +22,7 @@ OUT=${OUT_DIR:-out/$PRESET${SMOKE:+_smoke}}
 X_CODE= X_TASKS= X_PRE= X_SFT= X_RM= X_PPO= X_EVAL=
 if [ -n "$SMOKE" ]; then
   X_CODE="--max_bytes=1500000"
-  X_TASKS="--n_sft=64 --n_rm=8 --n_ppo=32 --n_test=8"
+  X_TASKS="--n_sft=64 --n_rm=8 --n_ppo=32 --n_test=4"
   X_PRE="--n_layer=2 --n_embd=64 --batch_size=4 --max_iters=4 --warmup_iters=2 --eval_interval=2 --eval_iters=2"
   X_SFT="--epochs=1 --holdout=8"
   X_RM="--references"
