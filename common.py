@@ -149,13 +149,47 @@ class Runtime:
         return self.autocast()
 
 
+DTYPES = ("auto", "float32", "bfloat16")  # float16 would need a GradScaler (loss scaling): not offered
+
+
+def check_dtype(dtype, device):
+    """A one-line error for a --dtype this code cannot train in: float16 autocast without a
+    GradScaler lets small gradients underflow to zero, so only bfloat16 (same exponent range as
+    float32) and float32 are accepted; bfloat16 on a GPU that lacks it is refused too."""
+    import torch
+    if dtype == "float16":
+        die("--dtype=float16 is not supported (it needs a GradScaler, which flywheel does not use): "
+            "use --dtype=bfloat16 or --dtype=float32")
+    if dtype not in DTYPES:
+        die(f"--dtype={dtype}: one of {', '.join(DTYPES)}")
+    if dtype == "bfloat16" and device.startswith("cuda") and not torch.cuda.is_bf16_supported():
+        die("--dtype=bfloat16: this GPU has no bfloat16; use --dtype=float32")
+
+
+def rank0_only(script):
+    """For the stages that run on one process (every stage but pretrain.py): under torchrun, ranks
+    other than 0 exit at once with status 0 (torchrun waits for rank 0), and rank 0 runs alone, as
+    a plain single process (no process group is started), so no two processes write the same files."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return
+    if int(os.environ.get("RANK", "0")) != 0:
+        sys.exit(0)
+    print(f"note: {script} runs on one process; under torchrun rank 0 does the whole job and the "
+          f"other {world - 1} rank(s) exit (only pretrain.py uses DDP)", file=sys.stderr)
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK"):
+        os.environ.pop(key, None)
+
+
 def setup_runtime(device="auto", dtype="auto", seed=1337):
     """Pick the device, start DDP under torchrun (gloo on CPU, nccl on CUDA) and build the autocast
-    context: bf16 on CUDA, plain fp32 on CPU."""
+    context: bf16 on CUDA, plain fp32 on CPU by default; --dtype=bfloat16 also autocasts on the CPU
+    (slow there without native bf16 matmuls: for tests of the mixed-precision paths)."""
     import torch
     import torch.distributed as dist
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    check_dtype(dtype, device)
     ddp = int(os.environ.get("RANK", -1)) != -1
     rank, local_rank, world_size = 0, 0, 1
     if ddp:
@@ -177,9 +211,21 @@ def setup_runtime(device="auto", dtype="auto", seed=1337):
     if dtype == "float32":
         autocast = nullcontext
     else:
-        pt = {"bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-        autocast = lambda: torch.autocast(device_type="cuda" if "cuda" in device else "cpu", dtype=pt)
+        autocast = lambda: torch.autocast(device_type="cuda" if "cuda" in device else "cpu", dtype=torch.bfloat16)
     return Runtime(device, ddp, rank, local_rank, world_size, rank == 0, autocast)
+
+
+def any_rank(flag, rt):
+    """True on every rank if `flag` is true on any rank (a collective under DDP: every rank must
+    call it at the same point). Used for decisions each rank would otherwise take from its own
+    clock, such as pretrain.py's --max_seconds stop."""
+    if not rt.ddp:
+        return bool(flag)
+    import torch
+    import torch.distributed as dist
+    t = torch.tensor([1.0 if flag else 0.0], device=rt.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def cleanup_runtime(rt):
@@ -212,6 +258,12 @@ def make_optimizer(model, lr, weight_decay, betas=(0.9, 0.95), device="cpu"):
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
 
 
+def mfu(flops_per_token, tokens_per_s, peak, world_size=1):
+    """Model FLOPs utilisation: achieved training FLOP/s over the peak of all the GPUs that
+    produced them (tokens_per_s counts the tokens of every rank, so the peak is world_size GPUs')."""
+    return flops_per_token * tokens_per_s / (peak * world_size)
+
+
 def set_lr(optimizer, lr):
     for g in optimizer.param_groups:
         g["lr"] = lr
@@ -230,15 +282,19 @@ def load_code_tokens(code_dir, split):
 
 
 def get_batch(tokens, batch_size, block_size, generator, device="cpu"):
-    """Random windows of block_size + 1 tokens: inputs x and next-token targets y."""
+    """Random windows of block_size + 1 tokens: inputs x and next-token targets y, both views of one
+    (B, block_size + 1) batch. On CUDA that batch is pinned while still contiguous and copied with
+    non_blocking=True, then sliced on the device (pinning a non-contiguous slice buys nothing: the
+    copy first makes a contiguous, pageable duplicate and then blocks the host)."""
     import numpy as np
     import torch
     ix = torch.randint(len(tokens) - block_size - 1, (batch_size,), generator=generator).tolist()
     xy = torch.from_numpy(np.stack([tokens[i:i + block_size + 1].astype(np.int64) for i in ix]))
-    x, y = xy[:, :-1], xy[:, 1:]
     if str(device).startswith("cuda"):
-        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-    return x.to(device), y.to(device)
+        xy = xy.pin_memory().to(device, non_blocking=True)
+    else:
+        xy = xy.to(device)
+    return xy[:, :-1], xy[:, 1:]
 
 
 def code_loss(model, tokens, batch_size, block_size, iters, device="cpu", ctx=nullcontext, seed=0):
@@ -248,12 +304,12 @@ def code_loss(model, tokens, batch_size, block_size, iters, device="cpu", ctx=nu
     g = torch.Generator().manual_seed(seed)
     was_training = model.training
     model.eval()
-    losses = []
+    total = 0.0
     with torch.no_grad():
         for _ in range(iters):
             x, y = get_batch(tokens, batch_size, block_size, g, device)
             with ctx():
                 _, loss = model(x, y)
-            losses.append(loss.item())
+            total = total + loss.float()  # summed on the device: one host read at the end
     model.train(was_training)
-    return sum(losses) / len(losses)
+    return float(total) / iters

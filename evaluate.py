@@ -220,7 +220,8 @@ def sample_main(cfg, args):
     common.require(args.ckpt, "train it first (run.sh lists the stages)")
     if cfg.n < 1 or cfg.temperature < 0:
         common.die(f"--n={cfg.n} --temperature={cfg.temperature}: need n >= 1 and temperature >= 0")
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    rt = common.setup_runtime(cfg.device, cfg.dtype, cfg.seed)  # device and the autocast context
+    device = rt.device
     try:
         model, ckpt = load_checkpoint(args.ckpt, device)
     except ValueError as e:
@@ -247,12 +248,15 @@ def sample_main(cfg, args):
         for i, temperature in enumerate(dict.fromkeys(temperatures)):
             g = torch.Generator(device=device).manual_seed(cfg.seed)
             t0 = time.time()
-            samples = sample_problems(model, enc, problems, cfg.n, temperature, cfg.top_p,
-                                      cfg.max_new_tokens, cfg.batch_size, g)
+            with rt.ctx():
+                samples = sample_problems(model, enc, problems, cfg.n, temperature, cfg.top_p,
+                                          cfg.max_new_tokens, cfg.batch_size, g)
             t_sample = time.time() - t0
             if rm is not None:
                 from reward import score_samples
-                for row, r in zip(samples, score_samples(rm, enc, problems, samples, progress=True)):
+                with rt.ctx():
+                    rm_scores = score_samples(rm, enc, problems, samples, progress=True)
+                for row, r in zip(samples, rm_scores):
                     row["rm_score"] = r
             t0 = time.time()
             rows, table = score(problems, samples, ks, args.timeout, sandbox=sandbox)
@@ -277,7 +281,7 @@ def sample_main(cfg, args):
         val = common.load_code_tokens(code_dir, "val")
         summary["val_loss"] = round(common.code_loss(model, val, cfg.val_batch_size, model.config.block_size,
                                                      cfg.val_iters,
-                                                     device), 4)
+                                                     device, rt.autocast), 4)
         print(f"held-out code loss: {summary['val_loss']:.4f}")
     if args.model_name:
         common.update_results(args.out_dir, {"models": {args.model_name: summary}})
@@ -325,6 +329,7 @@ class Config:
     val_batch_size: int = 16
     seed: int = 0
     device: str = "auto"
+    dtype: str = "auto"         # auto: bfloat16 autocast on CUDA, float32 on CPU
 
 
 PRESETS = {"tiny": {}, "small": dict(n=20, max_new_tokens=256, val_iters=50)}
@@ -346,6 +351,7 @@ def add_args(parser):
 
 
 def main(argv=None):
+    common.rank0_only("evaluate.py")
     config, args = common.parse_config(Config, PRESETS, argv, description=__doc__, extra_args=add_args)
     if args.table:
         import json

@@ -68,7 +68,7 @@ class Config:
     batch_size: int = 128         # prompts (= completions) per rollout
     max_new_tokens: int = 64
     temperature: float = 0.8      # sampling temperature (evaluate.py samples at 0.8); log-probs at the same one
-    top_p: float = 1.0
+    top_p: float = 1.0            # must stay 1: the log-probs are under the untruncated softmax(logits / T)
     # rewards (InstructGPT Eq. 2)
     kl_coef: float = 0.05         # beta: per-token KL penalty against the SFT reference
     adaptive_kl: bool = False     # adapt beta towards target_kl (Ziegler et al. 2019)
@@ -300,8 +300,9 @@ def rollout(policy, ref, value_model, reward_model, enc, problems, task_ids, cfg
         for k, x in zip(("logp", "entropy", "ref_logp", "values"), (logp, entropy, ref_logp, values)):
             out[k][i:i + cfg.minibatch_size, :r] = x
     samples = [{"task_id": t, "completion": c} for t, c in zip(task_ids, gen.texts)]
-    out["score"] = torch.tensor(score_samples(reward_model, enc, problems, samples, cfg.minibatch_size),
-                                device=device)
+    with ctx():
+        scores = score_samples(reward_model, enc, problems, samples, cfg.minibatch_size)
+    out["score"] = torch.tensor(scores, device=device)
     sample_logp = torch.zeros_like(mask)
     for b, lp in enumerate(gen.logprobs):
         sample_logp[b, :len(lp)] = torch.tensor(lp)
@@ -327,7 +328,8 @@ def minibatch_loss(policy, value_model, batch, rows, ptx, cfg, pad_id):
 
     `rows` index the rollout `batch` (which also holds old log-probs, old values, advantages,
     returns). One backward of this loss fills the gradients of the policy (PPO + ptx terms) and of
-    the value model (value term) for a single optimizer step. Returns (loss, stats)."""
+    the value model (value term) for a single optimizer step. Returns (loss, stats); the stats are
+    detached 0-d tensors, left on the device (reading one makes the host wait for the GPU)."""
     seq, valid, P, R = cut_padding(batch["seq"][rows], batch["valid"][rows], batch["P"])
     mask, old_logp, old_values, advantages, returns = (
         batch[k][rows, :R] for k in ("mask", "logp", "values", "advantages", "returns"))
@@ -336,12 +338,12 @@ def minibatch_loss(policy, value_model, batch, rows, ptx, cfg, pad_id):
     pg_loss, clipfrac, approx_kl = policy_loss(logp, old_logp, advantages, mask, cfg.clip)
     vf_loss, vf_clipfrac = value_loss(values, old_values, returns, mask, cfg.clip_value)
     loss = pg_loss + cfg.vf_coef * vf_loss
-    stats = dict(pg_loss=pg_loss.item(), vf_loss=vf_loss.item(), clipfrac=clipfrac.item(),
-                 vf_clipfrac=vf_clipfrac.item(), approx_kl=approx_kl.item())
+    stats = dict(pg_loss=pg_loss.detach(), vf_loss=vf_loss.detach(), clipfrac=clipfrac,
+                 vf_clipfrac=vf_clipfrac, approx_kl=approx_kl)
     if ptx is not None and cfg.ptx_coef > 0:
         _, lm_loss = policy(*ptx)
         loss = loss + cfg.ptx_coef * lm_loss
-        stats["ptx_loss"] = lm_loss.item()
+        stats["ptx_loss"] = lm_loss.detach()
     return loss, stats
 
 
@@ -497,16 +499,16 @@ def train(cfg, out_dir, resume=False, stop_at=None, record=True):
             t_train = time.perf_counter()
             stats = []
             for epoch in range(cfg.ppo_epochs):
-                order = torch.randperm(len(picks), generator=rng)
+                order = torch.randperm(len(picks), generator=rng).to(device)  # one copy per epoch
                 for i in range(0, len(picks), cfg.minibatch_size):
-                    rows = order[i:i + cfg.minibatch_size].to(device)
+                    rows = order[i:i + cfg.minibatch_size]
                     ptx = None
                     if cfg.ptx_coef > 0:
                         ptx = common.get_batch(code_train, cfg.ptx_batch_size, ptx_block, rng, device)
                     with rt.ctx():
                         loss, s = minibatch_loss(policy, value_model, batch, rows, ptx, cfg, pad_id)
                     loss.backward()
-                    s["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip))
+                    s["grad_norm"] = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
                     torch.nn.utils.clip_grad_norm_(value_model.parameters(), cfg.grad_clip)
                     opt_policy.step()
                     opt_value.step()
@@ -533,7 +535,8 @@ def train(cfg, out_dir, resume=False, stop_at=None, record=True):
                 "no_stop": float(batch["no_stop"].float().mean()),
                 "explained_var": explained_variance(batch["values"], returns, mask),
                 "lr": lr})
-            row.update({k: sum(s[k] for s in stats) / len(stats) for k in stats[0]})
+            means = torch.stack([torch.stack([s[k].float() for s in stats]).mean() for k in stats[0]])
+            row.update(zip(stats[0], means.tolist()))  # the update's stats: one read per iteration
             row["seconds"] = {**batch["seconds"], "train": t_train, "gold": t_gold}
             history.append(row)
             with open(log_path, "a") as f:
@@ -666,10 +669,14 @@ def plot_kl_sweep(rows, path):
 
 
 def main(argv=None):
+    common.rank0_only("ppo.py")
     cfg, args = common.parse_config(
         Config, PRESETS, argv, description=__doc__.split("\n\n")[0],
         extra_args=lambda p: p.add_argument("--resume", action="store_true",
                                             help="continue exactly from out_dir/<run_name>.pt"))
+    if cfg.top_p != 1.0:  # samples from the nucleus, log-probs under the whole softmax: off-policy
+        common.die(f"--top_p={cfg.top_p}: PPO samples at top_p 1 (its ratio and KL use log-probs under the "
+                   "untruncated softmax(logits / T); nucleus samples would make them off-policy)")
     if cfg.batch_size % cfg.minibatch_size:
         common.die(f"batch_size {cfg.batch_size} is not a multiple of minibatch_size {cfg.minibatch_size}")
     if cfg.temperature <= 0:

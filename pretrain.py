@@ -42,7 +42,9 @@ class Config:
     # evaluation and checkpoints
     eval_interval: int = 200
     eval_iters: int = 20
-    max_seconds: float = 0.0      # stop early after this much training time (0 = no limit)
+    log_interval: int = 1         # read loss and grad norm (a host-device sync) every this many steps
+    max_seconds: float = 0.0      # stop early after this much training time (0 = no limit; checked
+                                  # when logging, and agreed on by all DDP ranks)
     # runtime
     device: str = "auto"
     dtype: str = "auto"           # auto: bfloat16 on CUDA, float32 on CPU
@@ -53,7 +55,8 @@ class Config:
 PRESETS = {
     "tiny": {},
     "small": dict(n_layer=8, n_head=8, n_embd=512, block_size=512, batch_size=32, grad_accum=4,
-                  max_iters=5000, lr=1e-3, warmup_iters=200, eval_interval=500, eval_iters=50),
+                  max_iters=5000, lr=1e-3, warmup_iters=200, eval_interval=500, eval_iters=50,
+                  log_interval=10),
 }
 
 
@@ -71,9 +74,11 @@ def train(cfg, out_dir, resume=False, stop_at=None):
 
     # ---- model, optimizer, and the batch sampler's RNG (its state is checkpointed)
     start_step, gen = 0, torch.Generator().manual_seed(cfg.seed + rt.rank)
-    if resume:
+    if resume:  # read on the CPU: the sampler's RNG state must stay a CPU ByteTensor (the
+        # optimizer state follows the parameters to the device in load_state_dict)
         common.require(ckpt_path, "nothing to resume from")
-        model, ckpt = load_checkpoint(ckpt_path, rt.device)
+        model, ckpt = load_checkpoint(ckpt_path, "cpu")
+        model.to(rt.device)
         if ckpt["tokenizer"] != tok_state:
             common.die(f"{ckpt_path} was trained with a different tokenizer than {out_dir / 'tokenizer.json'}")
         start_step = ckpt["step"]
@@ -93,8 +98,8 @@ def train(cfg, out_dir, resume=False, stop_at=None):
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[rt.local_rank] if rt.device.startswith("cuda") else None)
 
-    tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum * rt.world_size
-    flops_per_step = flops_per_token(raw_model.config, cfg.block_size, n_params) * tokens_per_step
+    tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum * rt.world_size  # all ranks
+    flops_tok = flops_per_token(raw_model.config, cfg.block_size, n_params)
     peak = peak_flops(rt.device)
     if rt.master:
         print(f"model: {n_params / 1e6:.2f}M parameters (non-embedding), vocab {enc.n_vocab}; "
@@ -119,15 +124,16 @@ def train(cfg, out_dir, resume=False, stop_at=None):
             save_checkpoint(ckpt_path, raw_model, tokenizer=tok_state, stage="pretrain", step=step,
                             config=cfg, optimizer=optimizer, extra={"rng": rngs, "val_loss": val_loss})
 
-    # ---- the loop
+    # ---- the loop. Loss and grad norm stay on the device between logs: reading them (.item())
+    # makes the host wait for the GPU, so it happens every log_interval steps, not every micro-step.
     model.train()
     bar = tqdm(range(start_step, cfg.max_iters), initial=start_step, total=cfg.max_iters,
                desc="pretrain", disable=not rt.master, dynamic_ncols=True)
     t_start, t_last, val_loss = time.time(), time.time(), None
+    loss_sum, n_steps = torch.zeros((), device=rt.device), 0  # since the last log
     for step in bar:
         lr = common.lr_at(step, cfg.lr, cfg.warmup_iters, cfg.max_iters, cfg.min_lr_ratio)
         common.set_lr(optimizer, lr)
-        loss_sum = 0.0
         for micro in range(cfg.grad_accum):
             x, y = common.get_batch(train_tokens, cfg.batch_size, cfg.block_size, gen, rt.device)
             sync = nullcontext() if (not rt.ddp or micro == cfg.grad_accum - 1) else model.no_sync()
@@ -135,29 +141,38 @@ def train(cfg, out_dir, resume=False, stop_at=None):
                 _, loss = model(x, y)
                 loss = loss / cfg.grad_accum
             loss.backward()
-            loss_sum += loss.item()
+            loss_sum += loss.detach()
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        n_steps += 1
 
+        end = step == cfg.max_iters - 1 or step + 1 == stop_at
+        evaluating = (step + 1) % cfg.eval_interval == 0 or end
+        if not (evaluating or (step + 1) % cfg.log_interval == 0):
+            continue
+        train_loss = loss_sum.item() / n_steps  # mean over the steps since the last log
         now = time.time()
-        tok_s = tokens_per_step / max(now - t_last, 1e-9)
-        t_last = now
-        history.append((step, loss_sum))
-        post = dict(loss=f"{loss_sum:.3f}", lr=f"{lr:.1e}", tok_s=f"{tok_s:,.0f}")
+        tok_s = tokens_per_step * n_steps / max(now - t_last, 1e-9)
+        t_last, loss_sum, n_steps = now, torch.zeros_like(loss_sum), 0
+        history.append((step, train_loss))
+        post = dict(loss=f"{train_loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{tok_s:,.0f}")
         if peak:
-            post["mfu"] = f"{100 * flops_per_step * tok_s / tokens_per_step / peak:.1f}%"
+            post["mfu"] = f"{100 * common.mfu(flops_tok, tok_s, peak, rt.world_size):.1f}%"
         bar.set_postfix(post)
         if rt.master:
             with open(log_path, "a") as f:
-                f.write(json.dumps({"step": step, "loss": loss_sum, "lr": lr, "grad_norm": float(norm),
+                f.write(json.dumps({"step": step, "loss": train_loss, "lr": lr, "grad_norm": float(norm),
                                     "tokens_per_s": tok_s}) + "\n")
-        last = (step == cfg.max_iters - 1 or (cfg.max_seconds and now - t_start > cfg.max_seconds)
-                or step + 1 == stop_at)
-        if (step + 1) % cfg.eval_interval == 0 or last:
+        # every rank must stop at the same step (one leaving early for the evaluation and the
+        # checkpoint's all_gather while another is in the next backward's all-reduce deadlocks):
+        # the time limit is decided together
+        out_of_time = bool(cfg.max_seconds) and common.any_rank(now - t_start > cfg.max_seconds, rt)
+        last = end or out_of_time
+        if evaluating or last:
             val_loss = evaluate()
             if rt.master:
-                tqdm.write(f"step {step + 1}: train loss {loss_sum:.4f}, val loss {val_loss:.4f}")
+                tqdm.write(f"step {step + 1}: train loss {train_loss:.4f}, val loss {val_loss:.4f}")
             checkpoint(step + 1, val_loss)
         if last:
             break
@@ -177,6 +192,8 @@ def main(argv=None):
                                             help="continue from out_dir/base.pt (exactly)"))
     if cfg.n_embd % cfg.n_head:
         common.die(f"n_embd {cfg.n_embd} is not a multiple of n_head {cfg.n_head}")
+    if cfg.log_interval < 1 or cfg.eval_interval < 1:
+        common.die("--log_interval and --eval_interval must be at least 1")
     train(cfg, args.out_dir, resume=args.resume)
 
 

@@ -5,7 +5,9 @@
    scores it by the fraction of asserts passed; K completions give C(K,2) pairs, and a pair with
    equal scores is no comparison (ties dropped, as in the paper). The comparisons are written to
    out/<preset>/comparisons.jsonl (task_id, prompt, completions, scores): inspect it, or replace the
-   scores with your own labels and train with `--comparisons FILE`.
+   scores with your own labels and train with `--comparisons FILE`. With --references the prompt's
+   reference solution is ranked among the samples too (Stiennon et al. 2020 did so with reference
+   summaries): a model that passes no test still yields comparisons (run.sh --smoke uses it).
 2. Training. The RM is the SFT model with a scalar head that gives one number per token of
    prompt + completion + <|endoftext|>; r(x, y) is their mean over the completion and the end of
    text (--pool=mean, the default here), or, as in InstructGPT, the output at the last token
@@ -30,6 +32,7 @@ import json
 import math
 import random
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +54,9 @@ class Config:
     max_new_tokens: int = 128
     sample_batch: int = 256        # rows per sampling batch
     timeout: float = 3.0           # seconds per program in the sandbox
+    references: bool = False       # also rank each prompt's reference solution among its samples
+                                   # (Stiennon et al. 2020 ranked the reference summaries too): a
+                                   # model that passes no test still gives comparisons (run.sh --smoke)
     epochs: int = 1                # InstructGPT: one epoch; more overfits
     batch_size: int = 4            # prompts (each with its K completions) per step
     lr: float = 1e-5               # with loglik (3e-5 and up lost accuracy); --loglik=False wants ~3e-4
@@ -66,6 +72,7 @@ class Config:
     policy: str = ""               # sample comparisons from this checkpoint (default out_dir/sft.pt)
     init: str = ""                 # the RM's trunk (and loglik term) starts from this LM (default out_dir/sft.pt)
     prev_rm: str = ""              # also report this RM's accuracy on this round's held-out comparisons
+    log_interval: int = 1          # read loss and train accuracy (a host-device sync) every this many steps
     device: str = "auto"
     dtype: str = "auto"
     seed: int = 1337
@@ -73,7 +80,7 @@ class Config:
 
 PRESETS = {
     "tiny": {},
-    "small": dict(max_new_tokens=256, batch_size=16, warmup_iters=20),
+    "small": dict(max_new_tokens=256, batch_size=16, warmup_iters=20, log_interval=10),
 }
 
 
@@ -201,31 +208,37 @@ def read_comparisons(path):
     return rows
 
 
-def make_comparisons(model, enc, problems, cfg, generator):
-    """Sample K completions per prompt (temperature cfg.temperature, all prompts batched together)
-    and label them with the fraction of unit-test asserts they pass. Returns comparison rows."""
+def make_comparisons(model, enc, problems, cfg, generator, ctx=nullcontext):
+    """Sample K completions per prompt (temperature cfg.temperature, all prompts batched together,
+    under the autocast context `ctx`), add the reference solution with cfg.references, and label
+    them all with the fraction of unit-test asserts they pass. Returns comparison rows."""
     from execution import run_many
     task_ids = sorted(problems)
     rows = [t for t in task_ids for _ in range(cfg.k)]
-    comps = sample_completions(model, enc, [problems[t]["prompt"] for t in rows], cfg.max_new_tokens,
-                               temperature=cfg.temperature, batch_size=cfg.sample_batch,
-                               generator=generator, desc=f"sample K={cfg.k}")
+    with ctx():
+        comps = sample_completions(model, enc, [problems[t]["prompt"] for t in rows], cfg.max_new_tokens,
+                                   temperature=cfg.temperature, batch_size=cfg.sample_batch,
+                                   generator=generator, desc=f"sample K={cfg.k}")
     texts = [c["completion"] for c in comps]
-    samples = [{"task_id": t, "completion": c} for t, c in zip(rows, texts)]
+    n = cfg.k + cfg.references  # completions per prompt
+    if cfg.references:
+        texts = [c for i, t in enumerate(task_ids)
+                 for c in texts[i * cfg.k:(i + 1) * cfg.k] + [problems[t]["canonical_solution"]]]
+    samples = [{"task_id": task_ids[j // n], "completion": c} for j, c in enumerate(texts)]
     results = run_many(problems, samples, timeout=cfg.timeout, frac=True)
     out = []
     for i, t in enumerate(task_ids):
-        res = results[i * cfg.k:(i + 1) * cfg.k]
+        res = results[i * n:(i + 1) * n]
         out.append({"task_id": t, "prompt": problems[t]["prompt"],
-                    "completions": texts[i * cfg.k:(i + 1) * cfg.k],
+                    "completions": texts[i * n:(i + 1) * n],
                     "scores": [float(r.get("frac", float(r["passed"]))) for r in res]})
     return out
 
 
 # ----------------------------------------------------------------------------- training
 
-def evaluate_accuracy(rm, groups, pad_id, batch_size):
-    """Pairwise accuracy and mean loss of the RM over held-out prompts."""
+def evaluate_accuracy(rm, groups, pad_id, batch_size, ctx=nullcontext):
+    """Pairwise accuracy and mean loss of the RM over held-out prompts (scored under `ctx`)."""
     correct = total = 0
     losses = []
     was_training = rm.training
@@ -233,23 +246,25 @@ def evaluate_accuracy(rm, groups, pad_id, batch_size):
     with torch.no_grad():
         for b in range(0, len(groups), batch_size):
             batch = groups[b:b + batch_size]
-            loss, rewards = batch_loss(rm, batch, pad_id)
+            with ctx():
+                loss, rewards = batch_loss(rm, batch, pad_id)
             losses.append(loss.item() * len(batch))
             for r, (_, s) in zip(rewards, batch):
-                c, n = pairwise_accuracy(r.cpu(), s)
+                c, n = pairwise_accuracy(r.float().cpu(), s)
                 correct, total = correct + c, total + n
     rm.train(was_training)
     return correct / max(1, total), sum(losses) / max(1, len(groups)), total
 
 
 @torch.no_grad()
-def center_bias(rm, seqs, pad_id, batch_size=64):
+def center_bias(rm, seqs, pad_id, batch_size=64, ctx=nullcontext):
     """Shift the scalar head's bias so the mean score of `seqs` (the reference solutions) is 0
-    (InstructGPT §3.5: "the labeler demonstrations achieve a mean score of 0"). seqs: rm_sequence's.
-    Returns the old mean."""
+    (InstructGPT §3.5: "the labeler demonstrations achieve a mean score of 0"). seqs: rm_sequence's,
+    scored under `ctx`. Returns the old mean."""
     rm.eval()
-    scores = torch.cat([score(rm, seqs[i:i + batch_size], pad_id)
-                        for i in range(0, len(seqs), batch_size)])
+    with ctx():
+        scores = torch.cat([score(rm, seqs[i:i + batch_size], pad_id)
+                            for i in range(0, len(seqs), batch_size)])
     mean = scores.mean().item()
     rm.score_head.bias -= mean
     return mean
@@ -280,8 +295,8 @@ def train(cfg, out_dir, comparisons=None):
         policy_path = common.require(cfg.policy or out_dir / "sft.pt", "train that policy first")
         policy, ckpt = load_checkpoint(policy_path, rt.device)
         enc = tok.from_state(ckpt["tokenizer"])
-        with rt.ctx():
-            fresh = make_comparisons(policy, enc, problems, cfg, torch.Generator(rt.device).manual_seed(cfg.seed))
+        fresh = make_comparisons(policy, enc, problems, cfg, torch.Generator(rt.device).manual_seed(cfg.seed),
+                                 rt.autocast)
         del policy
         for r in fresh:
             r.update(round=cfg.round, policy=str(policy_path))
@@ -327,9 +342,10 @@ def train(cfg, out_dir, comparisons=None):
     steps_per_epoch = (len(train_groups) + cfg.batch_size - 1) // cfg.batch_size
     total = cfg.epochs * steps_per_epoch
     rng = random.Random(cfg.seed)
-    acc0, _, _ = evaluate_accuracy(rm, val_groups, pad_id, cfg.batch_size)
+    acc0, _, _ = evaluate_accuracy(rm, val_groups, pad_id, cfg.batch_size, rt.autocast)
     rm.train()
     step, correct, seen = 0, 0, 0
+    pending, loss_sum, n_steps = [], torch.zeros((), device=rt.device), 0  # on the device until the next log
     t1 = time.time()
     bar = tqdm(total=total, desc="reward model", dynamic_ncols=True)
     for epoch in range(cfg.epochs):
@@ -345,23 +361,30 @@ def train(cfg, out_dir, comparisons=None):
             torch.nn.utils.clip_grad_norm_(rm.parameters(), cfg.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            for r, (_, s) in zip(rewards, batch):
-                c, n = pairwise_accuracy(r.detach().float().cpu(), s)
-                correct, seen = correct + c, seen + n
+            pending += [(r.detach(), s) for r, (_, s) in zip(rewards, batch)]
+            loss_sum += loss.detach()
+            n_steps += 1
             step += 1
-            bar.set_postfix(loss=f"{loss.item():.3f}", train_acc=f"{correct / max(1, seen):.3f}")
             bar.update(1)
+            if step % cfg.log_interval and step < total:
+                continue  # reading rewards and loss makes the host wait for the GPU: only when logging
+            flat = torch.cat([r for r, _ in pending]).float().cpu().split([len(s) for _, s in pending])
+            for r, (_, s) in zip(flat, pending):
+                c, n = pairwise_accuracy(r, s)
+                correct, seen = correct + c, seen + n
+            bar.set_postfix(loss=f"{loss_sum.item() / n_steps:.3f}", train_acc=f"{correct / max(1, seen):.3f}")
+            pending, loss_sum, n_steps = [], torch.zeros_like(loss_sum), 0
     bar.close()
-    val_acc, val_loss, _ = evaluate_accuracy(rm, val_groups, pad_id, cfg.batch_size)
+    val_acc, val_loss, _ = evaluate_accuracy(rm, val_groups, pad_id, cfg.batch_size, rt.autocast)
     t_train = time.time() - t1
     shift = {}  # accuracy on this round's fresh held-out comparisons: the previous RM's, then the new one's
     if fresh_val:
         before = acc0
         if cfg.prev_rm:
             prev, _ = load_checkpoint(common.require(cfg.prev_rm, "the previous round's RM"), rt.device)
-            before, _, _ = evaluate_accuracy(prev, fresh_val, pad_id, cfg.batch_size)
+            before, _, _ = evaluate_accuracy(prev, fresh_val, pad_id, cfg.batch_size, rt.autocast)
             del prev
-        after, _, n_fresh = evaluate_accuracy(rm, fresh_val, pad_id, cfg.batch_size)
+        after, _, n_fresh = evaluate_accuracy(rm, fresh_val, pad_id, cfg.batch_size, rt.autocast)
         shift = {"rm_accuracy_before": round(before, 4), "rm_accuracy_after": round(after, 4),
                  "n_fresh_val_comparisons": n_fresh}
         print(f"round {cfg.round}: on the held-out comparisons of {cfg.policy or 'sft.pt'}'s samples, "
@@ -369,7 +392,7 @@ def train(cfg, out_dir, comparisons=None):
 
     # ---- 3. normalise: reference solutions of the rm prompts score 0 on average
     refs = [rm_sequence(enc, p["prompt"], p["canonical_solution"], block, eot_id) for p in problems.values()]
-    old_mean = center_bias(rm, refs, pad_id)
+    old_mean = center_bias(rm, refs, pad_id, ctx=rt.autocast)
 
     out_path = out_dir / round_name("rm", cfg.round, ".pt")
     save_checkpoint(out_path, rm, tokenizer=ckpt["tokenizer"], stage="reward", step=step, config=cfg,
@@ -389,7 +412,7 @@ def train(cfg, out_dir, comparisons=None):
 
 # ----------------------------------------------------------------------------- scoring CLI
 
-def score_file(samples_path, problems_path, ckpt_path, output, device="cpu"):
+def score_file(samples_path, problems_path, ckpt_path, output, device="cpu", ctx=nullcontext):
     """Add `rm_score` to every row of a samples file (task_id, completion); write a new file."""
     import tokenizer as tok
     from data.tasks import read_jsonl, write_jsonl
@@ -406,7 +429,8 @@ def score_file(samples_path, problems_path, ckpt_path, output, device="cpu"):
     if any(not isinstance(s, dict) or "task_id" not in s or "completion" not in s for s in samples):
         common.die(f"{samples_path}: every row needs task_id and completion")
     try:
-        scores = score_samples(rm, tok.from_state(ckpt["tokenizer"]), problems, samples, progress=True)
+        with ctx():
+            scores = score_samples(rm, tok.from_state(ckpt["tokenizer"]), problems, samples, progress=True)
     except KeyError as e:
         common.die(f"{samples_path}: {e.args[0]} ({problems_path})")
     write_jsonl(output, [{**s, "rm_score": r} for s, r in zip(samples, scores)])
@@ -424,17 +448,19 @@ def main(argv=None):
                                                           "(default out_dir/tasks/test.jsonl)")
         p.add_argument("--ckpt", metavar="PT", help="with --score: the reward model (default out_dir/rm.pt)")
         p.add_argument("--output", metavar="FILE", help="with --score: where to write (default SAMPLES_rm.jsonl)")
+    common.rank0_only("reward.py")
     cfg, args = common.parse_config(Config, PRESETS, argv, description=__doc__.split("\n\n")[0],
                                     extra_args=extra)
     if args.score:
         s = Path(args.score)
         name = s.name[:-len(".jsonl.gz")] if s.name.endswith(".jsonl.gz") else s.name.removesuffix(".jsonl")
         output = args.output or str(s.with_name(name + "_rm.jsonl"))
-        device = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else \
-            ("cpu" if cfg.device == "auto" else cfg.device)
+        rt = common.setup_runtime(cfg.device, cfg.dtype, cfg.seed)
         score_file(args.score, args.problems or args.out_dir / "tasks" / "test.jsonl",
-                   args.ckpt or args.out_dir / "rm.pt", output, device)
+                   args.ckpt or args.out_dir / "rm.pt", output, rt.device, rt.autocast)
         return
+    if cfg.log_interval < 1:
+        common.die("--log_interval must be at least 1")
     if cfg.pool not in POOLS:
         common.die(f"--pool={cfg.pool}: one of {', '.join(POOLS)}")
     if not 0 <= cfg.holdout < 1:

@@ -4,21 +4,38 @@
 #   bash run.sh small                # one GPU
 #   bash run.sh tiny --rounds 2      # iterate comparisons -> reward model -> PPO once more (the flywheel)
 #   bash run.sh tiny --resume        # skip the stages that finished, continue an interrupted one
+#   bash run.sh small --smoke        # small's code paths and shapes, tiny step counts and data: a CPU, minutes
+# Outputs go to out/<preset> (out/<preset>_smoke with --smoke), or to $FLYWHEEL_OUT when it is set.
 set -euo pipefail
 cd "$(dirname "$0")"
-usage() { echo "usage: bash run.sh [tiny|small] [--rounds N] [--resume]" >&2; exit 2; }
-PRESET=tiny ROUNDS=1 RESUME=0
+usage() { echo "usage: bash run.sh [tiny|small] [--rounds N] [--resume] [--smoke]" >&2; exit 2; }
+PRESET=tiny ROUNDS=1 RESUME=0 SMOKE=
 while [ $# -gt 0 ]; do
   case $1 in
     tiny|small) PRESET=$1;;
     --rounds) [[ ${2:-} =~ ^[1-9][0-9]*$ ]] || usage; ROUNDS=$2; shift;;
     --rounds=*) ROUNDS=${1#--rounds=}; [[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || usage;;
     --resume) RESUME=1;;
+    --smoke) SMOKE=1;;
     *) usage;;
   esac
   shift
 done
-OUT=out/$PRESET
+OUT=${FLYWHEEL_OUT:-out/$PRESET${SMOKE:+_smoke}}
+# --smoke: every stage keeps the preset's code paths and shapes (vocabulary, block_size,
+# max_new_tokens, batch / minibatch divisibility, K, sandbox workers, dtype "auto") with steps and
+# data shrunk; the model is 2 layers x 64 wide. A model this small passes no test, so all K samples
+# of a prompt would tie: reward.py also ranks each prompt's reference solution (--references).
+X_CODE= X_TASKS= X_PRE= X_SFT= X_RM= X_PPO= X_EVAL=
+if [ -n "$SMOKE" ]; then
+  X_CODE="--max_bytes=1500000"
+  X_TASKS="--n_sft=64 --n_rm=8 --n_ppo=32 --n_test=4"
+  X_PRE="--n_layer=2 --n_embd=64 --batch_size=4 --max_iters=4 --warmup_iters=2 --eval_interval=2 --eval_iters=2"
+  X_SFT="--epochs=1 --holdout=8"
+  X_RM="--references"
+  X_PPO="--iterations=2 --batch_size=32 --minibatch_size=16 --ptx_batch_size=4 --eval_iters=2"
+  X_EVAL="--n=2 --val_iters=2"
+fi
 # glibc: keep big freed blocks for reuse instead of returning them to the OS; fresh pages are what
 # makes CPU training slow here (logits tensors are allocated every step).
 export MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=68719476736
@@ -56,13 +73,14 @@ resume_flag() {  # --resume for a script that can continue exactly from its own 
 }
 
 VOCAB=$(python data/code.py --preset "$PRESET" --print_vocab_size)
-EVAL="--problems $OUT/tasks/test.jsonl"
+EVAL="--problems $OUT/tasks/test.jsonl --out_dir $OUT $X_EVAL"
+O="--preset $PRESET --out_dir $OUT"
 
 # 1. corpus, tokenizer, tokenized corpus (Codex §3.1-3.2)
-stage corpus tokenizer python data/code.py --preset "$PRESET"
+stage corpus tokenizer python data/code.py $O $X_CODE
 stage tokenizer tokenizer python tokenizer.py --input "$OUT/code/train" --vocab_size "$VOCAB" \
     --out "$OUT/tokenizer.json" --eval "$OUT/code/val" --report "$OUT/tokenizer_report.json"
-stage tokenize tokenizer python data/code.py --preset "$PRESET" --tokenize
+stage tokenize tokenizer python data/code.py $O $X_CODE --tokenize
 python - "$OUT" <<'PY'
 import json, sys, common
 from pathlib import Path
@@ -70,18 +88,18 @@ report = json.loads((Path(sys.argv[1]) / "tokenizer_report.json").read_text())
 common.update_results(sys.argv[1], {"tokenizer": {k: report[k] for k in ("vocab_size", "bytes_per_token", "bytes_per_token_no_ws")}})
 PY
 # 2. the programming problems (HumanEval format) and the base model
-stage tasks evaluate python data/tasks.py --preset "$PRESET"
-stage pretrain pretrain python pretrain.py --preset "$PRESET" $(resume_flag "$OUT/base.pt")
+stage tasks evaluate python data/tasks.py $O $X_TASKS
+stage pretrain pretrain python pretrain.py $O $X_PRE $(resume_flag "$OUT/base.pt")
 stage eval_base evaluate python evaluate.py --preset "$PRESET" --ckpt "$OUT/base.pt" $EVAL --model_name base
 # 3. InstructGPT step 1: supervised fine-tuning on demonstrations
-stage sft sft python sft.py --preset "$PRESET"
+stage sft sft python sft.py $O $X_SFT
 # 4. step 2: comparisons labelled by execution, reward model; then SFT's pass@k and best-of-n by RM score
-stage reward reward python reward.py --preset "$PRESET"
+stage reward reward python reward.py $O $X_RM
 stage eval_sft evaluate python evaluate.py --preset "$PRESET" --ckpt "$OUT/sft.pt" $EVAL --model_name sft --rm "$OUT/rm.pt"
 # 5. step 3: PPO against the reward model, without and with pretraining-gradient mixing
-stage ppo ppo python ppo.py --preset "$PRESET" --ptx_coef=0 --run_name=ppo $(resume_flag "$OUT/ppo.pt")
+stage ppo ppo python ppo.py $O $X_PPO --ptx_coef=0 --run_name=ppo $(resume_flag "$OUT/ppo.pt")
 stage eval_ppo evaluate python evaluate.py --preset "$PRESET" --ckpt "$OUT/ppo.pt" $EVAL --model_name ppo
-stage ppo_ptx ppo python ppo.py --preset "$PRESET" --run_name=ppo_ptx $(resume_flag "$OUT/ppo_ptx.pt")
+stage ppo_ptx ppo python ppo.py $O $X_PPO --run_name=ppo_ptx $(resume_flag "$OUT/ppo_ptx.pt")
 stage eval_ppo_ptx evaluate python evaluate.py --preset "$PRESET" --ckpt "$OUT/ppo_ptx.pt" $EVAL --model_name ppo_ptx
 python -c "import common, sys, json; m = json.load(open(sys.argv[1] + '/results.json'))['models']['ppo']; \
 common.update_round(sys.argv[1], 1, {'policy': m})" "$OUT"
@@ -93,9 +111,9 @@ for (( R = 2; R <= ROUNDS; R++ )); do
   P=$(( R - 1 )); SUF=_r$R; PSUF=$([ $P = 1 ] && echo "" || echo "_r$P")
   CMPS=$OUT/comparisons.jsonl
   for (( Q = 2; Q < R; Q++ )); do CMPS=$CMPS,$OUT/comparisons_r$Q.jsonl; done
-  stage reward$SUF reward python reward.py --preset "$PRESET" --round=$R --policy="$OUT/ppo$PSUF.pt" \
+  stage reward$SUF reward python reward.py $O $X_RM --round=$R --policy="$OUT/ppo$PSUF.pt" \
       --comparisons "$CMPS" --prev_rm="$OUT/rm$PSUF.pt"
-  stage ppo$SUF ppo python ppo.py --preset "$PRESET" --ptx_coef=0 --run_name=ppo$SUF --init="$OUT/ppo$PSUF.pt" \
+  stage ppo$SUF ppo python ppo.py $O $X_PPO --ptx_coef=0 --run_name=ppo$SUF --init="$OUT/ppo$PSUF.pt" \
       --ref="$OUT/sft.pt" --rm="$OUT/rm$SUF.pt" $(resume_flag "$OUT/ppo$SUF.pt")
   stage eval_ppo$SUF evaluate python evaluate.py --preset "$PRESET" --ckpt "$OUT/ppo$SUF.pt" $EVAL --model_name ppo$SUF
   python -c "import common, sys, json; m = json.load(open(sys.argv[1] + '/results.json'))['models'][sys.argv[2]]; \

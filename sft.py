@@ -17,6 +17,7 @@ Reads out/<preset>/base.pt and out/<preset>/tasks/sft.jsonl; writes out/<preset>
 import json
 import random
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +46,7 @@ class Config:
     ptx_coef: float = 0.0          # weight of a pretraining LM loss mixed into every step (0: off)
     ptx_batch_size: int = 4        # pretraining windows (of block_size tokens) per step when ptx_coef > 0
     timeout: float = 3.0           # seconds per program in the sandbox
+    log_interval: int = 1          # read loss and grad norm (a host-device sync) every this many steps
     device: str = "auto"
     dtype: str = "auto"
     seed: int = 1337
@@ -52,7 +54,8 @@ class Config:
 
 PRESETS = {
     "tiny": {},
-    "small": dict(epochs=8, batch_size=32, lr=1e-4, warmup_iters=50, holdout=128, max_new_tokens=256),
+    "small": dict(epochs=8, batch_size=32, lr=1e-4, warmup_iters=50, holdout=128, max_new_tokens=256,
+                  log_interval=10),
 }
 
 
@@ -106,11 +109,14 @@ def split_holdout(task_ids, n, seed):
 
 # ----------------------------------------------------------------------------- sampling + pass@1
 
-def pass_at_1(model, enc, problems, task_ids, max_new_tokens, timeout=3.0):
-    """Greedy pass@1 on `task_ids`: one greedy completion per problem, run against its tests."""
+def pass_at_1(model, enc, problems, task_ids, max_new_tokens, timeout=3.0, ctx=nullcontext):
+    """Greedy pass@1 on `task_ids`: one greedy completion per problem (sampled under the autocast
+    context `ctx`), run against its tests."""
     from execution import run_many
     prompts = [problems[t]["prompt"] for t in task_ids]
-    texts = [c["completion"] for c in sample_completions(model, enc, prompts, max_new_tokens, temperature=0.0)]
+    with ctx():
+        comps = sample_completions(model, enc, prompts, max_new_tokens, temperature=0.0)
+    texts = [c["completion"] for c in comps]
     samples = [{"task_id": t, "completion": c} for t, c in zip(task_ids, texts)]
     results = run_many(problems, samples, timeout=timeout, progress=False)
     return sum(r["passed"] for r in results) / max(1, len(results))
@@ -181,7 +187,8 @@ def train(cfg, out_dir):
     def evaluate(step):
         row = {"step": step, "seconds": round(time.time() - t0, 1), "val_loss": heldout_loss(model, val_batches, rt.autocast) if val_batches else None}
         if val_ex:
-            row["val_pass@1"] = pass_at_1(model, enc, problems, val_ids, cfg.max_new_tokens, cfg.timeout)
+            row["val_pass@1"] = pass_at_1(model, enc, problems, val_ids, cfg.max_new_tokens, cfg.timeout,
+                                          rt.autocast)
         log.write(json.dumps(row) + "\n")
         log.flush()
         if row["val_loss"] is not None:
@@ -196,6 +203,7 @@ def train(cfg, out_dir):
     step = 0
     bar = tqdm(total=total, desc="sft", dynamic_ncols=True)
     rng = random.Random(cfg.seed)
+    loss_sum, n_steps = torch.zeros((), device=rt.device), 0  # on the device until the next log
     for epoch in range(cfg.epochs):
         order = list(range(len(train_ex)))
         rng.shuffle(order)
@@ -215,13 +223,19 @@ def train(cfg, out_dir):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            log.write(json.dumps({"step": step, "epoch": epoch, "loss": loss.item(), "lr": lr,
+            loss_sum += loss.detach()
+            n_steps += 1
+            bar.update(1)
+            if step % cfg.log_interval and s + cfg.batch_size < len(order):
+                continue  # reading the loss makes the host wait for the GPU: only when logging
+            mean_loss = loss_sum.item() / n_steps
+            loss_sum, n_steps = torch.zeros_like(loss_sum), 0
+            log.write(json.dumps({"step": step, "epoch": epoch, "loss": mean_loss, "lr": lr,
                                   "grad_norm": float(norm)}) + "\n")
-            post = dict(epoch=epoch + 1, loss=f"{loss.item():.3f}")
+            post = dict(epoch=epoch + 1, loss=f"{mean_loss:.3f}")
             if last is not None and last["val_loss"] is not None:
                 post.update(val_loss=f"{last['val_loss']:.3f}", val_pass1=f"{last['val_pass@1']:.2f}")
             bar.set_postfix(post)
-            bar.update(1)
         if epoch == cfg.epochs - 1 or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):
             last = evaluate(step)
     bar.close()
@@ -242,9 +256,10 @@ def train(cfg, out_dir):
 
 
 def main(argv=None):
+    common.rank0_only("sft.py")
     cfg, args = common.parse_config(Config, PRESETS, argv, description=__doc__.split("\n\n")[0])
-    if cfg.epochs < 1 or cfg.batch_size < 1:
-        common.die("--epochs and --batch_size must be at least 1")
+    if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.log_interval < 1:
+        common.die("--epochs, --batch_size and --log_interval must be at least 1")
     train(cfg, args.out_dir)
 
 

@@ -249,7 +249,7 @@ def test_ptx_gradient_is_the_sum_of_the_ppo_and_lm_gradients(out_dir):
     _, lm_loss = policy(x, y)
     lm_loss.backward()
     g_lm = grads()
-    assert lm_loss.item() == pytest.approx(stats["ptx_loss"])
+    assert lm_loss.item() == pytest.approx(stats["ptx_loss"].item())
     assert any(g.abs().sum() > 0 for g in g_ppo) and any(g.abs().sum() > 0 for g in g_lm)
     for c, a, b in zip(combined, g_ppo, g_lm):
         assert torch.allclose(c, a + 0.7 * b, atol=1e-6)
