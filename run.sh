@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# flywheel: the whole Codex + InstructGPT chain for one preset, ending in out/<preset>/results.json.
+# flywheel: the whole Codex + InstructGPT chain for one preset, ending in out/<preset>/results.json
+# (with 95% intervals and paired comparisons) and out/<preset>/figures/.
 #   bash run.sh          # tiny: CPU, ~15-25 minutes on 2 cores
 #   bash run.sh small    # one GPU
 set -euo pipefail
@@ -55,12 +56,15 @@ stage evaluate python evaluate.py --preset "$PRESET" --ckpt "$OUT/base.pt" $EVAL
 stage sft python sft.py --preset "$PRESET"
 # 4. step 2: comparisons labelled by execution, reward model; then SFT's pass@k and best-of-n by RM score
 stage reward python reward.py --preset "$PRESET"
-stage evaluate python evaluate.py --preset "$PRESET" --ckpt "$OUT/sft.pt" $EVAL --model_name sft --rm "$OUT/rm.pt"
+stage evaluate python evaluate.py --preset "$PRESET" --ckpt "$OUT/sft.pt" $EVAL --model_name sft --rm "$OUT/rm.pt" \
+    --sweep=0.2,0.4,0.6,0.8,1.0   # + Codex Figure 5: SFT's pass@k at each temperature (evaluate.py sweep_n)
 # 5. step 3: PPO against the reward model, without and with pretraining-gradient mixing
 stage ppo python ppo.py --preset "$PRESET" --ptx_coef=0 --run_name=ppo
 stage evaluate python evaluate.py --preset "$PRESET" --ckpt "$OUT/ppo.pt" $EVAL --model_name ppo
 stage ppo python ppo.py --preset "$PRESET" --run_name=ppo_ptx
 stage evaluate python evaluate.py --preset "$PRESET" --ckpt "$OUT/ppo_ptx.pt" $EVAL --model_name ppo_ptx
+# 6. evidence: 95% intervals, paired differences (ppo - sft, ...), best-of-n; figures (with matplotlib)
+stage evaluate python evaluate.py --preset "$PRESET" --compare --figures
 
 python - "$OUT" "$(( $(date +%s) - T0 ))" <<'PY'
 import json, sys, common
