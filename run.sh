@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# flywheel: the whole Codex + InstructGPT chain for one preset, ending in out/<preset>/results.json.
+# flywheel: the whole Codex + InstructGPT chain for one preset, ending in out/<preset>/results.json
+# (with 95% intervals and paired comparisons) and out/<preset>/figures/.
 #   bash run.sh                      # tiny: CPU, ~15-25 minutes on 2 cores
 #   bash run.sh small                # one GPU
 #   bash run.sh tiny --rounds 2      # iterate comparisons -> reward model -> PPO once more (the flywheel)
@@ -34,7 +35,7 @@ if [ -n "$SMOKE" ]; then
   X_SFT="--epochs=1 --holdout=8"
   X_RM="--references"
   X_PPO="--iterations=2 --batch_size=32 --minibatch_size=16 --ptx_batch_size=4 --eval_iters=2"
-  X_EVAL="--n=2 --val_iters=2"
+  X_EVAL="--n=2 --val_iters=2 --sweep_n=2"
 fi
 # glibc: keep big freed blocks for reuse instead of returning them to the OS; fresh pages are what
 # makes CPU training slow here (logits tensors are allocated every step).
@@ -95,7 +96,8 @@ stage eval_base evaluate python evaluate.py --preset "$PRESET" --ckpt "$OUT/base
 stage sft sft python sft.py $O $X_SFT
 # 4. step 2: comparisons labelled by execution, reward model; then SFT's pass@k and best-of-n by RM score
 stage reward reward python reward.py $O $X_RM
-stage eval_sft evaluate python evaluate.py --preset "$PRESET" --ckpt "$OUT/sft.pt" $EVAL --model_name sft --rm "$OUT/rm.pt"
+stage eval_sft evaluate python evaluate.py --preset "$PRESET" --ckpt "$OUT/sft.pt" $EVAL --model_name sft --rm "$OUT/rm.pt" \
+    --sweep=0.2,0.4,0.6,0.8,1.0   # + Codex Figure 5: SFT's pass@k at each temperature (evaluate.py sweep_n)
 # 5. step 3: PPO against the reward model, without and with pretraining-gradient mixing
 stage ppo ppo python ppo.py $O $X_PPO --ptx_coef=0 --run_name=ppo $(resume_flag "$OUT/ppo.pt")
 stage eval_ppo evaluate python evaluate.py --preset "$PRESET" --ckpt "$OUT/ppo.pt" $EVAL --model_name ppo
@@ -119,6 +121,9 @@ for (( R = 2; R <= ROUNDS; R++ )); do
   python -c "import common, sys, json; m = json.load(open(sys.argv[1] + '/results.json'))['models'][sys.argv[2]]; \
 common.update_round(sys.argv[1], int(sys.argv[3]), {'policy': m})" "$OUT" "ppo$SUF" "$R"
 done
+
+# 7. evidence: 95% intervals, paired differences (ppo - sft, ...), best-of-n; figures (with matplotlib)
+python evaluate.py --preset "$PRESET" --out_dir "$OUT" --compare --figures
 
 python - "$OUT" "$(( $(date +%s) - T0 ))" <<'PY'
 import json, sys, common
