@@ -13,6 +13,7 @@ import dataclasses
 import math
 import os
 import tempfile
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -42,21 +43,63 @@ POOLS = ("last", "mean")       # the ways score_sequences reduces a scalar head'
 class KVCache:
     """Keys and values of every layer for a batch of rows, preallocated to `max_len` positions.
 
-    `valid[b, t]` is False where row b holds left-padding, so padded keys are never attended to;
-    `next_pos[b]` is the position id (for the learned position embedding) of row b's next token."""
+    One (B, H, max_len, D) tensor per layer for keys and one for values, max_len = prompt + new
+    tokens (no more): the positions filled so far, [:, :, :length], are one contiguous run per
+    (row, head) that attention reads in place. Reading the cache is what bounds a decode step on a
+    CPU (64 rows x 128 positions x 4 layers of fp32 keys and values: up to 32 MB a step), so it is
+    never copied per step (HF's DynamicCache concatenates, i.e. copies, every layer every step).
 
-    def __init__(self, cfg, batch, max_len, device, dtype):
-        shape = (cfg.n_layer, batch, cfg.n_head, max_len, cfg.n_embd // cfg.n_head)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+    `valid[b, t]` is False where row b holds left-padding, so padded keys are never attended to
+    (`padded` says whether any row has some); `next_pos[b]` is the position id (for the learned
+    position embedding) of row b's next token; `length` the positions filled so far (all rows).
+
+    static=True (generate(compile=True)): a one-token decode step writes at `index`, a tensor, and
+    attends to all max_len positions with the unfilled ones masked, so every step has the same
+    shapes and reads no Python number that changes: torch.compile captures it once (with CUDA
+    graphs under mode="reduce-overhead", gpt-fast style). Its tensors are marked as static
+    addresses so the captured graph can keep updating them in place."""
+
+    def __init__(self, cfg, batch, max_len, device, dtype, static=False):
+        shape = (batch, cfg.n_head, max_len, cfg.n_embd // cfg.n_head)
+        # eagerly only positions already written are read; a static step reads (masked) all of them
+        new = torch.zeros if static else torch.empty
+        self.k = [new(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.v = [new(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
         self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
         self.next_pos = torch.zeros(batch, dtype=torch.long, device=device)
-        self.length = 0  # positions filled so far (the same for every row)
+        self.length, self.padded, self.static = 0, False, static
+        self.index = torch.zeros(1, dtype=torch.long, device=device)  # = length, for static steps
+        if static:
+            for t in (*self.k, *self.v, self.valid, self.next_pos, self.index):
+                torch._dynamo.mark_static_address(t)
+
+    @property
+    def max_len(self):
+        return self.valid.shape[1]
+
+    def reset(self):
+        """Empty the cache for a new batch of the same size (a static cache is reused: same addresses)."""
+        self.valid.zero_(), self.next_pos.zero_(), self.index.zero_()
+        self.length, self.padded = 0, False
+
+    def append(self, layer, k, v, step):
+        """Store this step's keys and values (B, H, T, D) of `layer`; returns those to attend to.
+        `step` is True for a static one-token decode step."""
+        if step:
+            self.k[layer].index_copy_(2, self.index, k)
+            self.v[layer].index_copy_(2, self.index, v)
+            return self.k[layer], self.v[layer]
+        start, T = self.length, k.shape[2]
+        self.k[layer][:, :, start:start + T] = k
+        self.v[layer][:, :, start:start + T] = v
+        return self.k[layer][:, :, :start + T], self.v[layer][:, :, :start + T]
 
     def keep(self, rows):
-        """Drop finished rows (a LongTensor of rows to keep) so later steps cost less."""
-        self.k, self.v = self.k[:, rows], self.v[:, rows]
+        """Drop finished rows (a LongTensor of rows to keep) so later steps cost less (a copy)."""
+        self.k = [k[rows] for k in self.k]
+        self.v = [v[rows] for v in self.v]
         self.valid, self.next_pos = self.valid[rows], self.next_pos[rows]
+        self.padded = self.padded and not bool(self.valid[:, :self.length].all())
 
 
 class CausalSelfAttention(nn.Module):
@@ -68,16 +111,12 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, attn_mask=None, cache=None):
+    def forward(self, x, attn_mask=None, cache=None, step=False):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         if cache is not None:  # write this step's keys/values, attend to everything cached so far
-            start = cache.length
-            cache.k[self.layer, :, :, start:start + T] = k
-            cache.v[self.layer, :, :, start:start + T] = v
-            k = cache.k[self.layer, :, :, :start + T]
-            v = cache.v[self.layer, :, :, :start + T]
+            k, v = cache.append(self.layer, k, v, step)
         # attn_mask None means "plain causal, nothing padded": the fast (flash) path on CUDA
         causal = attn_mask is None and T > 1
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal,
@@ -123,8 +162,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, attn_mask=None, cache=None):
-        x = x + self.attn(self.ln_1(x), attn_mask, cache)
+    def forward(self, x, attn_mask=None, cache=None, step=False):
+        x = x + self.attn(self.ln_1(x), attn_mask, cache, step)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -177,46 +216,75 @@ class GPT(nn.Module):
           log p(idx[:, t] | idx[:, :t]) from the tied unembedding for t > logits_from (none at
           t = 0), so a reward model can start from the LM's likelihood of a completion (reward.py).
         `valid` (B, T) marks real tokens when rows are left-padded (positions then start at each
-        row's first real token); `cache` is a KVCache to read from and append to."""
+        row's first real token); `cache` is a KVCache to read from and append to.
+
+        Precision under bf16 autocast: where log-probs are read (logits without targets: sampling,
+        PPO's log-probs; the loglik term) the unembedding and everything after it run in fp32, so
+        the same input always gives the same fp32 log-probs (PPO's ratio is exactly 1 before an
+        update); the trunk stays bf16. The training loss (targets given) keeps the bf16 logits, as
+        nanoGPT does: only that path still differs in dtype between fp32 and bf16 runs."""
         B, T = idx.shape
-        if cache is not None:
+        step = cache is not None and cache.static and T == 1 and valid is None
+        if step:  # a static decode step: fixed shapes, nothing read back to the host (generate checks lengths)
+            pos = cache.next_pos[:, None]
+            cache.valid.index_fill_(1, cache.index, True)
+            attn_mask = cache.valid[:, None, None, :]
+        elif cache is not None:
             start = cache.length
-            assert start + T <= cache.k.shape[3], "KV cache is full"
-            cache.valid[:, start:start + T] = True if valid is None else valid
-            step_valid = cache.valid[:, start:start + T].long()
-            pos = cache.next_pos[:, None] + step_valid.cumsum(1) - step_valid
-            cache.next_pos += step_valid.sum(1)
-            all_valid = cache.valid[:, :start + T]
-            attn_mask = None if (start == 0 and valid is None) else attention_mask(all_valid, T)
-            if T == 1 and bool(all_valid.all()):
-                attn_mask = None  # one new query may attend to every cached key
+            if start + T > min(cache.max_len, self.config.block_size):
+                raise ValueError(f"sequence of {start + T} tokens: longer than the KV cache ({cache.max_len}) "
+                                 f"or block_size ({self.config.block_size})")
+            if valid is None and T == 1:  # a decode step: one new real token per row
+                pos = cache.next_pos[:, None]
+                cache.valid[:, start] = True
+                attn_mask = cache.valid[:, None, None, :start + 1] if cache.padded else None
+            else:
+                cache.valid[:, start:start + T] = True if valid is None else valid
+                step_valid = cache.valid[:, start:start + T].long()
+                pos = cache.next_pos[:, None] + step_valid.cumsum(1) - step_valid
+                cache.padded = cache.padded or (valid is not None and not bool(valid.all()))
+                causal_only = start == 0 and not cache.padded
+                attn_mask = None if causal_only else attention_mask(cache.valid[:, :start + T], T)
         else:
+            if T > self.config.block_size:
+                raise ValueError(f"sequence of {T} tokens: longer than block_size ({self.config.block_size})")
             if valid is None:
                 pos, attn_mask = torch.arange(T, device=idx.device)[None], None
             else:
                 pos = (valid.long().cumsum(1) - 1).clamp(min=0)
                 attn_mask = attention_mask(valid, T)
-        assert int(pos.max()) < self.config.block_size, "sequence longer than block_size"
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         for block in self.transformer.h:
-            x = block(x, attn_mask, cache)
-        if cache is not None:
+            x = block(x, attn_mask, cache, step)
+        if step:  # (pos is a view of next_pos: advance only now)
+            cache.next_pos += 1
+            cache.index += 1
+        elif cache is not None:
+            cache.next_pos += T if valid is None else valid.sum(1)
             cache.length += T
+            if cache.static:
+                cache.index.fill_(cache.length)
         x = self.transformer.ln_f(x)
         if self.config.head == "scalar":
             values = self.score_head(x).squeeze(-1)
             if self.config.loglik:
                 assert cache is None and logits_from >= 0, "loglik needs the whole sequence"
-                logits = F.linear(x[:, logits_from:-1].contiguous(), self.transformer.wte.weight).float()
+                logits = self.unembed_fp32(x[:, logits_from:-1])
                 logp = F.log_softmax(logits, -1).gather(2, idx[:, logits_from + 1:, None]).squeeze(2)
                 values = values.float() + F.pad(logp, (logits_from + 1, 0))
             return values, None
         if targets is None:
-            return self.lm_head(x[:, logits_from:].contiguous()), None
+            return self.unembed_fp32(x[:, logits_from:]), None
         logits = self.lm_head(x)
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
                                ignore_index=-1)
         return logits, loss
+
+    def unembed_fp32(self, x):
+        """Logits in fp32 from hidden states x, with autocast off: bf16 logits would round the
+        log-probs PPO and the loglik RM read to ~3 significant digits."""
+        with torch.autocast(x.device.type, enabled=False):
+            return F.linear(x.float(), self.transformer.wte.weight.float())
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -229,118 +297,283 @@ class Generation:
     finish: list      # per row: "stop" (a stop string), "eot" (end of text) or "length"
 
 
-def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None, uniform=None,
+                static=False):
     """Pick one token per row from logits (B, V). Returns (tokens (B,), logprobs (B,)) where the
     log-prob is under softmax(logits / temperature), before any top-k / top-p truncation (the
     distribution PPO's log-probs are computed under). temperature 0 means greedy (log-prob of the
     argmax at temperature 1).
 
-    top-p (nucleus, Holtzman et al. 2019) keeps the smallest set of most likely tokens whose
-    probability reaches top_p. Sorting the whole vocabulary every step is the slow part of CPU
-    sampling, so the nucleus is first looked for among the 128 most likely tokens, and the full
-    sort is done only for a step where some row's nucleus is wider than that."""
+    Sampling inverts the cumulative distribution with two uniform numbers per row (`uniform`
+    (B, 2) float64 in [0, 1), else drawn from `generator`); see `inverse_cdf`. Drawing a random
+    number per vocabulary entry instead (exponential race / Gumbel-max, torch.multinomial) cost a
+    third of a decode step on a CPU.
+
+    top-k keeps the k most likely tokens; top-p (nucleus, Holtzman et al. 2019) the smallest set of
+    most likely tokens whose probability reaches top_p (at least the most likely one). Both keep a
+    prefix of the tokens sorted by probability, sampled in proportion to their probabilities.
+    Sorting the whole vocabulary every step is the slow part of that on a CPU, so the nucleus is
+    first looked for among the 128 most likely tokens, and the full sort is done only for a step
+    where some row's nucleus is wider than that; `static` always sorts (no decision on the host,
+    for a captured CUDA graph)."""
     logits = logits.float()
     if temperature == 0:
         tokens = logits.argmax(-1)
         return tokens, F.log_softmax(logits, -1).gather(1, tokens[:, None]).squeeze(1)
-    logp = F.log_softmax(logits / temperature, -1)
-    V = logp.size(-1)
+    B, V = logits.shape
+    if uniform is None:
+        uniform = torch.rand(B, 2, dtype=torch.float64, device=logits.device, generator=generator)
+    top = logits.amax(-1, keepdim=True)
+    w = logits - top
+    if temperature != 1:
+        w /= temperature
+    w.exp_()                                   # unnormalised probabilities, the largest one 1
     limit = V if top_k is None else min(top_k, V)
     nucleus = top_p is not None and top_p < 1.0
-    if limit < V or nucleus:
-        cand_logp, cand = logp.topk(min(limit, 128) if nucleus else limit, -1)  # sorted, descending
-        if nucleus and cand.size(-1) < limit and bool((cand_logp.exp().sum(-1) < top_p).any()):
-            cand_logp, cand = logp.topk(limit, -1)
-        probs = cand_logp.exp()
-        if nucleus:  # drop a candidate once the ones before it already reach top_p
-            probs = probs.masked_fill(probs.cumsum(-1) - probs >= top_p, 0.0)
-    else:
-        cand, probs = None, logp.exp()
-    # sample from probs as argmax(p / E) with E ~ Exponential(1) (the Gumbel-max trick in another
-    # form): the same distribution as torch.multinomial, several times faster on CPU
-    noise = torch.empty_like(probs).exponential_(generator=generator)
-    pick = (probs / noise).argmax(-1)
-    tokens = pick if cand is None else cand.gather(1, pick[:, None]).squeeze(1)
-    return tokens, logp.gather(1, tokens[:, None]).squeeze(1)
+    if limit == V and not nucleus:
+        tokens, total = inverse_cdf(w, uniform)
+    else:  # candidates: the most likely tokens, sorted, and their running sums
+        total = w.sum(-1, keepdim=True, dtype=torch.float64)
+        cand_w, cand = w.topk(limit if static or not nucleus else min(limit, 128), -1)
+        cum = cand_w.cumsum(-1, dtype=torch.float64)
+        if cand.size(1) < limit and bool((cum[:, -1:] < top_p * total).any()):
+            cand_w, cand = w.topk(limit, -1)
+            cum = cand_w.cumsum(-1, dtype=torch.float64)
+        kept = cum[:, -1:]
+        if nucleus:  # keep a candidate while the ones before it have not reached top_p
+            before = F.pad(cum[:, :-1], (1, 0))
+            n_kept = (before < top_p * total).sum(-1, keepdim=True).clamp(min=1)
+            kept = cum.gather(1, n_kept - 1)
+        pick = torch.searchsorted(cum, uniform[:, :1] * kept, right=True)  # < n_kept: u * kept < kept
+        tokens = cand.gather(1, pick)
+    logp = (logits.gather(1, tokens) - top) / temperature - total.log().float()
+    return tokens.squeeze(1), logp.squeeze(1)
+
+
+def inverse_cdf(w, uniform, block=64):
+    """One draw per row from the unnormalised probabilities w (B, n) >= 0, given uniform (B, 2)
+    float64 in [0, 1). Returns (index (B, 1), total (B, 1) = w.sum(-1) in float64).
+
+    Running sums in float64 so that each entry's share of the total is its fp32 weight, with no
+    rounding of the distribution. In two levels, as a float64 cumsum over the whole vocabulary
+    costs a few times more on a CPU (at 64 x 4096: 0.5 vs 0.2 ms; 4 vs 0.4 ms without run.sh's
+    malloc settings): the sums of blocks of 64 entries pick a block with probability (block sum /
+    total), uniform[:, 0]; the running sums inside that block pick the entry with probability
+    (weight / block sum), uniform[:, 1]. searchsorted(c, u * c[-1], right=True) is the first entry
+    whose running sum exceeds u * c[-1]; since u * c[-1] < c[-1] (u <= 1 - 2**-53), that entry
+    exists and has a positive weight: a zero-probability entry is never picked."""
+    B, n = w.shape
+    if n <= block:
+        c = w.cumsum(-1, dtype=torch.float64)
+        return torch.searchsorted(c, uniform[:, :1] * c[:, -1:], right=True), c[:, -1:]
+    blocks = (F.pad(w, (0, -n % block)) if n % block else w).view(B, -1, block)  # zero weights pad
+    c = blocks.sum(-1, dtype=torch.float64).cumsum(-1)
+    j = torch.searchsorted(c, uniform[:, :1] * c[:, -1:], right=True)
+    inner = blocks.gather(1, j[:, :, None].expand(B, 1, block)).squeeze(1).cumsum(-1, dtype=torch.float64)
+    i = torch.searchsorted(inner, uniform[:, 1:] * inner[:, -1:], right=True)
+    return j * block + i, c[:, -1:]
+
+
+class StopStrings:
+    """The stop strings as a finite automaton over token ids: which rows just completed a stop
+    string is then one table lookup per step for the whole batch, with no text decoded per row.
+
+    A row's state is the longest suffix of its text (bytes) that is a proper prefix of some stop
+    string (state 0: none), or STOPPED once a stop string has occurred. A stop string that ends in
+    the next byte began inside that suffix, so the suffix is all of the past that matters: the
+    Knuth-Morris-Pratt / Aho-Corasick automaton. `table[state, token]` runs the token's bytes
+    through it; it is built once per (tokenizer, stop strings, vocabulary size, device), all
+    tokens at once, one byte position at a time."""
+
+    _built = {}
+
+    def __init__(self, table):
+        self.table, self.STOPPED = table, table.shape[0] - 1
+
+    @classmethod
+    def build(cls, enc, stop, vocab_size, device):
+        key = (id(enc), tuple(stop), vocab_size, str(device))
+        if key in cls._built and cls._built[key][0] is enc:
+            return cls._built[key][1]
+        stops = [s.encode() for s in stop if s]
+        states = sorted({s[:i] for s in stops for i in range(len(s))}, key=lambda p: (len(p), p))
+        state_of = {p: i for i, p in enumerate(states)}
+        STOPPED = len(states)
+
+        def after(text):  # the state of a text whose every shorter prefix was not stopped
+            if any(text.endswith(s) for s in stops):
+                return STOPPED
+            return next(state_of[text[i:]] for i in range(len(text) + 1) if text[i:] in state_of)
+
+        # one byte: next_state[state, byte]; byte 256 pads token byte strings and changes nothing
+        next_state = torch.tensor([[after(p + bytes([c])) for c in range(256)] + [i] for i, p in enumerate(states)]
+                                  + [[STOPPED] * 257])
+        token_bytes = []
+        for t in range(vocab_size):
+            try:
+                token_bytes.append(list(enc.decode_single_token_bytes(t)))
+            except (KeyError, ValueError):  # an id the tokenizer does not have: never sampled
+                token_bytes.append([])
+        width = max(map(len, token_bytes))
+        token_bytes = torch.tensor([b + [256] * (width - len(b)) for b in token_bytes])  # (V, width)
+        table = torch.arange(STOPPED + 1)[:, None].expand(-1, vocab_size)
+        for i in range(width):
+            table = next_state[table, token_bytes[:, i]]
+        out = cls(table.to(device))
+        cls._built[key] = (enc, out)
+        return out
+
+
+FINISH = ("length", "stop", "eot")  # Generation.finish, by code
 
 
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens, enc=None, temperature=1.0, top_k=None, top_p=None,
-             stop=(), eot_id=None, pad_id=0, generator=None, use_cache=True, banned=()):
+             stop=(), eot_id=None, pad_id=0, generator=None, use_cache=True, banned=(), compile=False):
     """Sample a completion for every prompt (lists of token ids), batched.
 
-    Rows are left-padded to a common length. Each row stops at its first stop string (decoded
-    text, needs `enc`), at `eot_id`, or after max_new_tokens; finished rows leave the batch (and
-    the KV cache) so the rest run faster. `use_cache=False` recomputes the whole sequence every
-    step: the naive reference the KV-cache path is tested against. `banned` token ids (padding)
-    are never sampled."""
+    Rows are left-padded to a common length. Each row stops at its first stop string (needs
+    `enc`: checked on the tokens' bytes by StopStrings), at `eot_id`, or after max_new_tokens.
+    `banned` token ids (padding) are never sampled. `use_cache=False` recomputes the whole
+    sequence every step: the naive reference the KV-cache path is tested against.
+
+    The loop keeps everything per row in tensors (sampled tokens, log-probs, stop state, when and
+    why a row finished): no Python work per row and step. Eagerly, finished rows leave the batch
+    (and the KV cache) once a quarter of it has finished, so the rest run faster.
+
+    compile=True: the decode step (forward + sampling) runs under torch.compile(mode=
+    "reduce-overhead"), gpt-fast style, on a static KV cache (KVCache(static=True), the whole
+    block_size, kept per model and batch size so its addresses stay fixed between calls): fixed
+    shapes, so on CUDA one CUDA graph replays every step. Finished rows stay in the batch; the
+    host checks whether all rows are done every 8 steps (every step on a CPU). The prompt is
+    still run eagerly. Meant for CUDA; on a CPU it gives the same tokens, not more speed."""
     device = next(model.parameters()).device
     cfg = model.config
-    B = len(prompts)
+    B, N = len(prompts), max_new_tokens
     P = max(len(p) for p in prompts)
-    assert P + max_new_tokens <= cfg.block_size, f"prompt {P} + {max_new_tokens} new > {cfg.block_size}"
-    idx = torch.full((B, P), pad_id, dtype=torch.long, device=device)
-    valid = torch.zeros(B, P, dtype=torch.bool, device=device)
+    if P + N > cfg.block_size:
+        raise ValueError(f"prompt {P} + {N} new tokens > block_size {cfg.block_size}")
+    if stop and enc is None:
+        raise ValueError("stop strings need the tokenizer (enc)")
+    idx = torch.full((B, P), pad_id, dtype=torch.long)
+    valid = torch.zeros(B, P, dtype=torch.bool)
     for b, p in enumerate(prompts):
         idx[b, P - len(p):] = torch.tensor(p, dtype=torch.long)
         valid[b, P - len(p):] = True
+    idx, valid = idx.to(device), valid.to(device)
     padded = not bool(valid.all())
-    dtype = next(model.parameters()).dtype
-    cache = KVCache(cfg, B, P + max_new_tokens, device, dtype) if use_cache else None
-    ban = torch.tensor(list(banned), dtype=torch.long, device=device)
+    ban = torch.tensor(sorted(banned), dtype=torch.long, device=device)
+    stops = StopStrings.build(enc, stop, cfg.vocab_size, device) if stop else None
+    sample = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
 
-    rows = list(range(B))      # the original row of each batch entry
-    live = [True] * B          # entries whose row has not finished yet
-    out_tokens = [[] for _ in range(B)]
-    out_logprobs = [[] for _ in range(B)]
-    out_bytes = [b"" for _ in range(B)]
-    finish = ["length"] * B
-    texts = [None] * B
-    longest_stop = max((len(s) for s in stop), default=0)
+    cache, decode = None, _decode_step
+    if use_cache:
+        on = torch.is_autocast_enabled(device.type)  # under autocast, keys and values come out in its dtype
+        dtype = torch.get_autocast_dtype(device.type) if on else next(model.parameters()).dtype
+        if compile:
+            cache, decode = _static_cache(model, B, dtype), _compiled_decode_step()
+        else:
+            cache = KVCache(cfg, B, P + N, device, dtype)
+
+    # everything per original row b; `rows` lists the rows still in the batch, in batch order
+    tokens = torch.zeros(B, N, dtype=torch.long, device=device)
+    logprobs = torch.zeros(B, N, device=device)
+    end = torch.full((B,), N, dtype=torch.long, device=device)     # tokens kept per row
+    why = torch.zeros(B, dtype=torch.long, device=device)          # index into FINISH
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    state = torch.zeros(B, dtype=torch.long, device=device)        # StopStrings state
+    rows = torch.arange(B, device=device)
+    check_every = 1 if device.type == "cpu" else 8
 
     logits, _ = model(idx, valid=valid if padded else None, cache=cache, logits_from=-1)
-    for step in range(max_new_tokens):
-        logits = logits[:, -1]
-        if len(ban):
-            logits = logits.index_fill(1, ban, float("-inf"))
-        tok, logp = sample_next(logits, temperature, top_k, top_p, generator)
-        tok_list, logp_list = tok.tolist(), logp.tolist()
-        for i, b in enumerate(rows):
-            if not live[i]:
-                continue
-            t = tok_list[i]
-            out_tokens[b].append(t)
-            out_logprobs[b].append(logp_list[i])
-            if t == eot_id:
-                finish[b], live[i] = "eot", False
-            elif stop:
-                out_bytes[b] += enc.decode_single_token_bytes(t)
-                tail = out_bytes[b][-(longest_stop + 64):].decode("utf-8", errors="replace")
-                if any(s in tail for s in stop):
-                    finish[b], live[i] = "stop", False
-        n_live = sum(live)
-        if n_live == 0 or step == max_new_tokens - 1:
+    tok, logp = _sample(logits[:, -1], ban, sample)
+    for step in range(N):
+        tokens[rows, step], logprobs[rows, step] = tok, logp
+        live = ~done[rows]
+        finished = torch.zeros_like(live) if eot_id is None else tok == eot_id
+        why[rows] = torch.where(live & finished, FINISH.index("eot"), why[rows])
+        if stops is not None:
+            state[rows] = s = stops.table[state[rows], tok]
+            stopped = live & ~finished & (s == stops.STOPPED)
+            why[rows] = torch.where(stopped, FINISH.index("stop"), why[rows])
+            finished = finished | stopped
+        end[rows] = torch.where(live & finished, step + 1, end[rows])
+        done[rows] = ~live | finished
+        if step == N - 1:
             break
-        if n_live <= 0.75 * len(rows):  # drop finished entries (a copy, so only now and then)
-            keep = [i for i in range(len(rows)) if live[i]]
-            k = torch.tensor(keep, device=device)
-            tok, idx, valid = tok[k], idx[k], valid[k]
-            if cache is not None:
-                cache.keep(k)
-            rows, live = [rows[i] for i in keep], [True] * len(keep)
-        if cache is not None:
-            logits, _ = model(tok[:, None], cache=cache)
-        else:
+        if step % check_every == check_every - 1 or not compile:
+            n_live = int((~done[rows]).sum())
+            if n_live == 0:
+                break
+            if not compile and n_live <= 0.75 * len(rows):  # drop finished rows (a copy: only now and then)
+                keep = (~done[rows]).nonzero().squeeze(1)
+                rows, tok = rows[keep], tok[keep]
+                if cache is not None:
+                    cache.keep(keep)
+                else:
+                    idx, valid = idx[keep], valid[keep]
+        if cache is None:
             idx = torch.cat([idx, tok[:, None]], 1)
             valid = torch.cat([valid, torch.ones_like(tok[:, None], dtype=torch.bool)], 1)
             logits, _ = model(idx, valid=valid if padded else None, logits_from=-1)
+            tok, logp = _sample(logits[:, -1], ban, sample)
+            continue
+        u = None if temperature == 0 else torch.rand(len(rows), 2, dtype=torch.float64, device=device,
+                                                      generator=generator)
+        if compile:
+            torch.compiler.cudagraph_mark_step_begin()
+            tok, logp = (t.clone() for t in decode(model, tok, cache, u, ban, temperature, top_k, top_p))
+            cache.length += 1
+        else:
+            tok, logp = decode(model, tok, cache, u, ban, temperature, top_k, top_p)
 
-    for b in range(B):
-        toks = [t for t in out_tokens[b] if t != eot_id]
-        text = enc.decode(toks) if enc is not None else ""
+    end, why = end.tolist(), why.tolist()
+    out_tokens = [t[:n] for t, n in zip(tokens.tolist(), end)]
+    out_logprobs = [lp[:n] for lp, n in zip(logprobs.tolist(), end)]
+    texts = []
+    for toks in out_tokens:
+        text = enc.decode([t for t in toks if t != eot_id]) if enc is not None else ""
         cut = min((text.find(s) for s in stop if s in text), default=len(text))
-        texts[b] = text[:cut]
-    return Generation(out_tokens, out_logprobs, texts, finish)
+        texts.append(text[:cut])
+    return Generation(out_tokens, out_logprobs, texts, [FINISH[w] for w in why])
+
+
+def _sample(logits, ban, sample, uniform=None, static=False):
+    """sample_next on the last position's logits (B, V), banned ids excluded."""
+    if len(ban):
+        logits = logits.index_fill_(1, ban, float("-inf"))  # in place: a fresh tensor
+    return sample_next(logits, uniform=uniform, static=static, **sample)
+
+
+def _decode_step(model, tok, cache, uniform, ban, temperature, top_k, top_p):
+    """One decode step: the new tokens (B,) through the model with the KV cache, then the next
+    tokens and their log-probs. Eager, or compiled whole on a static cache."""
+    logits, _ = model(tok[:, None], cache=cache)
+    sample = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+    return _sample(logits[:, -1], ban, sample, uniform, static=cache.static)
+
+
+_compiled = None
+_static_caches = weakref.WeakKeyDictionary()  # model -> {(batch, dtype): KVCache(static=True)}
+
+
+def _compiled_decode_step():
+    global _compiled
+    if _compiled is None:
+        _compiled = torch.compile(_decode_step, mode="reduce-overhead", fullgraph=True)
+    return _compiled
+
+
+def _static_cache(model, batch, dtype):
+    """The model's static KV cache for this batch size (the whole block_size), emptied: reusing it
+    keeps the addresses a captured CUDA graph writes to."""
+    device = next(model.parameters()).device
+    caches = _static_caches.setdefault(model, {})
+    key = (batch, dtype, str(device))
+    if key not in caches:
+        caches[key] = KVCache(model.config, batch, model.config.block_size, device, dtype, static=True)
+    caches[key].reset()
+    return caches[key]
 
 
 STOP = ("\ndef", "\nclass", "\nif", "\nprint", "\n#")  # Codex §2.3: a completion ends at these
@@ -414,15 +647,18 @@ def flops_per_token(cfg, seq_len, n_params):
     return 6 * n_params + 12 * cfg.n_layer * seq_len * cfg.n_embd
 
 
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16
+# dense bf16 FLOP/s per GPU (NVIDIA datasheets), by a part of torch.cuda.get_device_name: the first
+# match wins, so the H100 PCIe and NVL cards come before the SXM part ("NVIDIA H100 80GB HBM3")
+PEAK_FLOPS = (("H100 NVL", 835e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12),
+              ("A100", 312e12))
 
 
 def peak_flops(device):
     """Peak dense bf16 FLOP/s of the GPU, or None when unknown (CPUs: MFU is not reported)."""
     if not str(device).startswith("cuda"):
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+    name = torch.cuda.get_device_name(device).lower()
+    return next((v for k, v in PEAK_FLOPS if k.lower() in name), None)
 
 
 # ----------------------------------------------------------------------------- checkpoints

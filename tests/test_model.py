@@ -161,3 +161,87 @@ def test_top_k_and_top_p_restrict_the_support():
     assert seen_p == {0, 1} and seen_k == {0}
     tok, logp = sample_next(logits, 1.0, top_k=1, generator=g)
     assert math.isclose(float(logp), math.log(0.5), rel_tol=1e-5)  # log-prob before truncation
+
+
+# ----------------------------------------------------------------------------- GPU readiness (bf16, compile)
+
+def test_log_probs_are_fp32_and_reproducible_under_bf16_autocast():
+    """Where log-probs are read (logits without targets; the RM's loglik term) the unembedding runs
+    in fp32 under autocast: fp32 out, the same values from two calls (PPO's first ratio is exactly 1),
+    within 0.01 nats of the fp32 model (the bf16 trunk is the only difference). The training path
+    (targets given) keeps the autocast dtype."""
+    lm = tiny_model()
+    idx = torch.randint(0, 97, (3, 11))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a, _ = lm(idx, logits_from=4)
+        b, _ = lm(idx, logits_from=4)
+        train_logits, loss = lm(idx, targets=idx)
+    assert a.dtype == torch.float32 and torch.equal(a, b)
+    assert train_logits.dtype == torch.bfloat16 and loss.dtype == torch.float32
+    ratio = (F.log_softmax(a, -1) - F.log_softmax(b, -1)).exp()
+    assert torch.equal(ratio, torch.ones_like(ratio))
+    ref, _ = lm(idx, logits_from=4)
+    assert (F.log_softmax(a, -1) - F.log_softmax(ref, -1)).abs().max() < 0.01
+
+    rm = tiny_model(head="scalar", loglik=True)
+    rm.transformer.load_state_dict(lm.transformer.state_dict())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        v1, _ = rm(idx, logits_from=2)
+        v2, _ = rm(idx, logits_from=2)
+    assert v1.dtype == torch.float32 and torch.equal(v1, v2)
+    assert (v1 - rm(idx, logits_from=2)[0]).abs().max() < 0.01
+
+
+def test_training_forward_is_one_graph_and_long_sequences_still_raise():
+    """No host sync in forward (it was int(pos.max())): torch.compile sees one graph, no break."""
+    model = tiny_model()
+    idx = torch.randint(0, 97, (2, 16))
+    explained = torch._dynamo.explain(model)(idx, idx)
+    torch._dynamo.reset()
+    assert explained.graph_count == 1 and explained.graph_break_count == 0
+    with pytest.raises(ValueError, match="longer than block_size"):
+        model(torch.zeros(1, 65, dtype=torch.long))
+    with pytest.raises(ValueError, match="longer than block_size"):
+        model(torch.zeros(1, 65, dtype=torch.long), valid=torch.ones(1, 65, dtype=torch.bool))
+    with pytest.raises(ValueError, match="longer than the KV cache"):
+        from model import KVCache
+        cache = KVCache(model.config, 1, 8, "cpu", torch.float32)
+        model(torch.zeros(1, 6, dtype=torch.long), cache=cache)
+        model(torch.zeros(1, 3, dtype=torch.long), cache=cache)
+    with pytest.raises(ValueError, match="block_size"):
+        generate(model, [[1] * 60], 10)
+
+
+def test_kv_cache_is_in_the_autocast_dtype(monkeypatch):
+    """Under bf16 autocast the keys and values come out of c_attn in bf16: the cache holds bf16 (not
+    an fp32 copy), and greedy decoding gives the fp32 model's tokens on this short prompt, with
+    log-probs within 0.01 nats."""
+    import model as M
+    made = []
+
+    class Recording(M.KVCache):
+        def __init__(self, *args, **kw):
+            super().__init__(*args, **kw)
+            made.append(self)
+
+    monkeypatch.setattr(M, "KVCache", Recording)
+    model = tiny_model()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = generate(model, PROMPTS, 10, temperature=0.0)
+    assert made and all(k.dtype == torch.bfloat16 for k in made[0].k + made[0].v)
+    fp32 = generate(model, PROMPTS, 10, temperature=0.0)
+    assert made[1].k[0].dtype == torch.float32
+    assert bf16.tokens == fp32.tokens
+    for a, b in zip(bf16.logprobs, fp32.logprobs):
+        assert torch.allclose(torch.tensor(a), torch.tensor(b), atol=0.01)
+
+
+@pytest.mark.parametrize("name,peak", [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
+                                       ("NVIDIA H100 NVL", 835e12), ("NVIDIA H200", 989e12),
+                                       ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA A100 80GB PCIe", 312e12),
+                                       ("NVIDIA GeForce RTX 3090", None)])
+def test_peak_flops_tells_h100_variants_apart(monkeypatch, name, peak):
+    from model import peak_flops
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert peak_flops("cuda") == peak and peak_flops("cuda:1") == peak
+    assert peak_flops("cpu") is None

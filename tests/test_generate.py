@@ -1,0 +1,239 @@
+"""The sampler (model.sample_next, model.generate): draws follow exactly the distribution that
+temperature / top-k / top-p define, the stop-string automaton agrees with searching the text, and
+every decoding path (KV cache, static cache, compiled) gives the naive sampler's tokens and log-probs."""
+import math
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import model
+from model import GPT, GPTConfig, StopStrings, generate, sample_next
+
+
+def tiny_model(seed=0, **kw):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(vocab_size=97, block_size=64, n_layer=2, n_head=2, n_embd=32, **kw)).eval()
+
+
+class FakeEnc:
+    """Token t < 26 is one letter; 26..96 are two- and three-byte strings, some with newlines."""
+
+    def __init__(self, V=97):
+        rng = random.Random(0)
+        letters = b"abcd\n"
+        self.toks = [bytes([ord("a") + t]) for t in range(26)]
+        self.toks += [bytes(rng.choice(letters) for _ in range(rng.choice((2, 3)))) for _ in range(V - 26)]
+
+    def decode_single_token_bytes(self, t):
+        return self.toks[t]
+
+    def decode(self, toks):
+        return b"".join(self.toks[t] for t in toks).decode()
+
+
+def target_distribution(logits, temperature, top_k=None, top_p=None):
+    """The distribution sampling must follow, worked out plainly in float64."""
+    p = torch.softmax(logits.double() / temperature, -1)
+    order = p.argsort(descending=True)
+    keep = torch.zeros_like(p, dtype=torch.bool)
+    before = 0.0
+    for rank, i in enumerate(order.tolist()):
+        if (top_k is not None and rank >= top_k) or (top_p is not None and rank > 0 and before >= top_p):
+            break
+        keep[i] = True
+        before += float(p[i])
+    q = torch.where(keep, p, torch.zeros_like(p))
+    return q / q.sum()
+
+
+def draw_counts(logits, n, chunk, seed, **kw):
+    g = torch.Generator().manual_seed(seed)
+    counts = torch.zeros(logits.numel(), dtype=torch.long)
+    for s in range(0, n, chunk):
+        rows = logits.expand(min(chunk, n - s), -1)
+        tok, logp = sample_next(rows, generator=g, **kw)
+        counts += torch.bincount(tok, minlength=logits.numel())
+        # the log-prob returned is the one under softmax(logits / T), before any truncation
+        full = F.log_softmax(logits[0].double() / kw["temperature"], -1)
+        assert torch.allclose(logp.double(), full[tok], atol=1e-5)
+    return counts
+
+
+# V = 10: one level of running sums; V = 300: two levels (blocks of 64, the last one padded), and for
+# top_p = 0.99 over a flat distribution a nucleus wider than the 128 first candidates (the full sort)
+CASES = [(10, 1.0, None, None), (10, 0.7, None, None), (10, 1.3, 3, None), (10, 1.0, None, 0.8),
+         (10, 0.8, 5, 0.9), (300, 1.0, None, None), (300, 0.9, 50, None), (300, 1.0, None, 0.99),
+         (300, 1.0, None, 0.5)]
+
+
+@pytest.mark.parametrize("V,temperature,top_k,top_p", CASES)
+def test_draws_follow_the_target_distribution(V, temperature, top_k, top_p):
+    """Chi-square and every token's frequency within 5 standard errors of its target probability;
+    tokens outside the support (truncated, or -inf) are never drawn."""
+    g = torch.Generator().manual_seed(V)
+    logits = torch.randn(V, generator=g) * (1.0 if V == 10 else 0.3)
+    logits[3] = float("-inf")  # banned
+    n = 200_000 if V == 10 else 60_000
+    counts = draw_counts(logits[None], n, 20_000, seed=1, temperature=temperature, top_k=top_k, top_p=top_p)
+    target = target_distribution(logits, temperature, top_k, top_p)
+    support = target > 0
+    assert counts[~support].sum() == 0
+    freq, p = counts[support].double() / n, target[support]
+    se = (p * (1 - p) / n).sqrt()
+    assert float(((freq - p).abs() / se).max()) < 5
+    df = int(support.sum()) - 1
+    chi2 = float(((counts[support] - n * p) ** 2 / (n * p)).sum())
+    assert chi2 < df + 5 * math.sqrt(2 * df), (chi2, df)
+
+
+def test_inverse_cdf_never_picks_a_zero_weight():
+    """Zero weights anywhere (first, inside and at the end of blocks, last) and uniforms at 0 and
+    just below 1: every pick has a positive weight."""
+    w = torch.rand(4, 200)
+    w[:, 0] = 0
+    w[:, 60:70] = 0
+    w[:, 127:] = 0
+    w[1, :] = 0
+    w[1, 100] = 1.0  # only one token possible
+    below_one = 1 - 2 ** -53
+    for u in ([0.0, 0.0], [below_one, below_one], [0.5, below_one], [below_one, 0.0]):
+        idx, total = model.inverse_cdf(w, torch.tensor([u] * 4, dtype=torch.float64))
+        assert (w.gather(1, idx) > 0).all()
+        assert torch.allclose(total.squeeze(1), w.double().sum(1))
+        assert idx[1, 0] == 100
+
+
+def test_greedy_and_top_p_zero_pick_the_argmax():
+    logits = torch.randn(5, 50)
+    assert torch.equal(sample_next(logits, 0.0)[0], logits.argmax(-1))
+    assert torch.equal(sample_next(logits, 1.0, top_p=0.0)[0], logits.argmax(-1))
+    assert torch.equal(sample_next(logits, 1.0, top_k=1)[0], logits.argmax(-1))
+
+
+# ----------------------------------------------------------------------------- stop strings
+
+def test_stop_automaton_agrees_with_searching_the_text():
+    """For random token streams, the first token after which a stop string occurs in the bytes is
+    where the automaton reaches STOPPED (overlapping stop strings, multi-byte tokens)."""
+    enc = FakeEnc()
+    stop = ("\nd", "abca", "cc\n\n", "b")
+    table = StopStrings.build(enc, stop, 97, "cpu")
+    rng = random.Random(1)
+    stops_b = [s.encode() for s in stop]
+    for _ in range(300):
+        toks = [rng.randrange(26, 97) if rng.random() < 0.8 else rng.randrange(26) for _ in range(12)]
+        state, text, stopped_at, expected_at = 0, b"", None, None
+        for i, t in enumerate(toks):
+            state = int(table.table[state, t])
+            text += enc.decode_single_token_bytes(t)
+            if stopped_at is None and state == table.STOPPED:
+                stopped_at = i
+            if expected_at is None and any(s in text for s in stops_b):
+                expected_at = i
+        assert stopped_at == expected_at, (toks, stopped_at, expected_at)
+
+
+# ----------------------------------------------------------------------------- decoding paths
+
+PROMPTS = [[1, 2, 3, 4, 5, 6, 7], [8, 9], [10, 11, 12, 13], [40, 41, 42, 43, 44], [60], [70, 71, 72]]
+# tiny_model's greedy completions of PROMPTS end, in FakeEnc's bytes, at: a stop string (row 0, after
+# 8 tokens), never (row 1), end of text (row 2), stop strings (rows 3, 4, 5, within 2 to 4 tokens)
+GREEDY = dict(enc=FakeEnc(), temperature=0.0, stop=("hb", "\n\n\n", "\na\na\na"), eot_id=13)
+SAMPLED = dict(enc=FakeEnc(), stop=("\nd\n", "abc"), eot_id=5, banned=(0,))
+
+
+def assert_same(a, b, atol=1e-5):
+    assert a.tokens == b.tokens
+    assert a.finish == b.finish
+    assert a.texts == b.texts
+    for x, y in zip(a.logprobs, b.logprobs):
+        assert torch.allclose(torch.tensor(x), torch.tensor(y), atol=atol)
+
+
+def check_ends(gen, stop, eot_id, n):
+    for toks, text, fin in zip(gen.tokens, gen.texts, gen.finish):
+        assert not any(s in text for s in stop)
+        assert (fin == "eot") == (toks[-1] == eot_id) and eot_id not in toks[:-1]
+        assert (fin == "length") == (len(toks) == n and fin not in ("eot", "stop"))
+
+
+def test_greedy_cached_equals_naive_with_rows_leaving_the_batch():
+    m = tiny_model()
+    runs = [generate(m, PROMPTS, 20, use_cache=use_cache, **GREEDY) for use_cache in (True, False)]
+    assert_same(*runs)
+    assert runs[0].finish == ["stop", "length", "eot", "stop", "stop", "stop"]
+    assert [len(t) for t in runs[0].tokens][:3] == [8, 20, 1]
+    check_ends(runs[0], GREEDY["stop"], 13, 20)
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, None, None), (0.8, 20, 0.9)])
+def test_sampled_cached_equals_naive_with_rows_leaving_the_batch(temperature, top_k, top_p):
+    """Seeded: the same draws, so the same tokens, log-probs and ends; rows that finish leave the
+    batch (compaction) in both."""
+    m = tiny_model()
+    runs = [generate(m, PROMPTS, 30, temperature=temperature, top_k=top_k, top_p=top_p, use_cache=use_cache,
+                     generator=torch.Generator().manual_seed(7), **SAMPLED) for use_cache in (True, False)]
+    assert_same(*runs)
+    assert {"stop", "eot", "length"} == set(runs[0].finish)
+    check_ends(runs[0], SAMPLED["stop"], 5, 30)
+    assert all(0 not in t for t in runs[0].tokens)  # banned
+
+
+def test_greedy_rows_alone_equal_rows_in_a_batch():
+    m = tiny_model()
+    batch = generate(m, PROMPTS, 20, **GREEDY)
+    for b, p in enumerate(PROMPTS):
+        alone = generate(m, [p], 20, **GREEDY)
+        assert alone.tokens[0] == batch.tokens[b] and alone.finish[0] == batch.finish[b]
+        assert torch.allclose(torch.tensor(alone.logprobs[0]), torch.tensor(batch.logprobs[b]), atol=1e-5)
+
+
+@pytest.fixture
+def eager_static(monkeypatch):
+    """generate(compile=True) without compiling: the static-cache decode step run eagerly."""
+    monkeypatch.setattr(model, "_compiled_decode_step", lambda: model._decode_step)
+
+
+def test_static_cache_step_equals_naive(eager_static):
+    m = tiny_model()
+    # greedy with stops: rows finish at different steps but stay in the (static) batch
+    assert_same(generate(m, PROMPTS, 20, compile=True, **GREEDY), generate(m, PROMPTS, 20, use_cache=False, **GREEDY))
+    # sampling, no early stop (the naive sampler would drop finished rows and draw fewer numbers)
+    kw = dict(temperature=0.9, top_p=0.95, banned=(0,))
+    a = generate(m, PROMPTS, 25, compile=True, generator=torch.Generator().manual_seed(3), **kw)
+    b = generate(m, PROMPTS, 25, use_cache=False, generator=torch.Generator().manual_seed(3), **kw)
+    assert_same(a, b)
+    # the static cache is kept per model and batch size and emptied: a second call is the same
+    assert_same(a, generate(m, PROMPTS, 25, compile=True, generator=torch.Generator().manual_seed(3), **kw))
+
+
+def test_static_decode_step_is_one_graph_with_no_recompiles():
+    """What CUDA graphs need: the whole decode step (forward + sampling) is one graph with no break,
+    and stepping along the sequence does not recompile (nothing read back to the host)."""
+    from torch._dynamo.testing import CompileCounter
+    torch._dynamo.reset()
+    m = tiny_model()
+    counter = CompileCounter()
+    step = torch.compile(model._decode_step, backend=counter, fullgraph=True)
+    cache = model.KVCache(m.config, 3, 64, "cpu", torch.float32, static=True)
+    with torch.no_grad():
+        m(torch.tensor([[1, 2, 3], [0, 4, 5], [6, 7, 8]]), valid=torch.tensor([[1, 1, 1], [0, 1, 1], [1, 1, 1]]).bool(),
+          cache=cache, logits_from=-1)
+        tok, ban = torch.tensor([9, 10, 11]), torch.tensor([0])
+        for _ in range(5):
+            u = torch.rand(3, 2, dtype=torch.float64)
+            tok, logp = step(m, tok, cache, u, ban, 0.8, None, 0.9)
+            cache.length += 1
+    assert counter.frame_count == 1
+    torch._dynamo.reset()
+
+
+@pytest.mark.slow
+def test_compiled_generate_equals_naive():
+    """torch.compile(mode="reduce-overhead") for real (inductor; CUDA graphs only on a GPU)."""
+    torch._dynamo.reset()
+    m = tiny_model()
+    assert_same(generate(m, PROMPTS, 12, compile=True, **GREEDY), generate(m, PROMPTS, 12, use_cache=False, **GREEDY))
+    torch._dynamo.reset()
