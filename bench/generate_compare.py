@@ -15,6 +15,10 @@ Needs the optional `transformers` package (not a project requirement):
     ... python bench/generate_compare.py --preset small --batch 16 --prompt_len 128 --new_tokens 64
 
 (run.sh sets the same environment: glibc keeps freed blocks, OpenMP threads sleep while waiting.)
+On a 2-core machine shared with other jobs the per-repeat ratio varies a lot (1.3x to 2.4x seen at
+the tiny shape); --threads 1 takes the waits for a descheduled second OpenMP thread out of it.
+--compile times generate(compile=True) (a static cache over the whole block_size: for CUDA graphs;
+slower than eager on a CPU).
 """
 import argparse
 import statistics
@@ -37,9 +41,11 @@ PRESETS = {  # pretrain.py's model shapes, with the vocabulary sizes the tokeniz
 def hf_model(cfg):
     """GPT2LMHeadModel of the same size as `cfg` (random weights), or exit if transformers is missing."""
     try:
+        import transformers
         from transformers import GPT2Config, GPT2LMHeadModel
     except ImportError:
         sys.exit("error: the optional transformers package is missing: `pip install transformers`")
+    transformers.logging.set_verbosity_error()  # its padding advice: our prompts have no padding
     hf_cfg = GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd,
                         n_layer=cfg.n_layer, n_head=cfg.n_head, bos_token_id=0, eos_token_id=None,
                         pad_token_id=0)
@@ -76,8 +82,7 @@ def main():
     g = torch.Generator().manual_seed(args.seed)
 
     def run_ours():
-        extra = dict(compile=True) if args.compile else {}
-        gen = generate(ours, prompt_lists, N, temperature=1.0, generator=g, **extra)
+        gen = generate(ours, prompt_lists, N, temperature=1.0, generator=g, compile=args.compile)
         assert all(len(t) == N for t in gen.tokens)
 
     def run_hf():
