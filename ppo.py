@@ -102,7 +102,7 @@ class Config:
     eval_iters: int = 10          # held-out code loss batches (the alignment tax), before and after
     ckpt_interval: int = 10
     kl_coefs: str = ""            # "0.01,0.03,0.1,0.3": one plain PPO per beta -> out_dir/kl_sweep.json
-    sweep_iterations: int = 0     # iterations of each sweep run (0: `iterations`)
+    sweep_iterations: int = 12    # iterations of each sweep run (0: `iterations`)
     # runtime
     device: str = "auto"
     dtype: str = "auto"
@@ -111,7 +111,7 @@ class Config:
 
 PRESETS = {
     "tiny": {},
-    "small": dict(iterations=150, max_new_tokens=128, value_lr=1e-4,
+    "small": dict(iterations=150, max_new_tokens=128, value_lr=1e-4, sweep_iterations=0,
                   ptx_batch_size=16, ptx_block_size=256, eval_iters=20, ckpt_interval=25, workers=8),
 }
 
