@@ -15,21 +15,26 @@ update below. Per iteration:
    prompt + completion + <|endoftext|> (reward.score_samples: the reward model's own convention);
 2. rewards: -beta * (log pi - log pi_ref) at every completion token, plus r(x, y) at the last one,
    minus a penalty if the completion never stopped; advantages by GAE (gamma 1, lambda 0.95),
-   whitened;
+   whitened. With --reward_norm (the default) r(x, y) is first put in units of its spread over the
+   reference policy's own samples, (r - mean) / std (lm-human-preferences), so beta weighs the KL
+   against one standard deviation of the RM, whatever the RM's scale;
 3. update: `ppo_epochs` passes over shuffled minibatches: clipped surrogate + vf_coef * clipped value
    loss (+ ptx_coef * the LM loss on a pretraining batch, in the same optimizer step); one AdamW for
    the policy and one for the value model, grad clipping on each; optionally adapt beta towards a
    target KL (Ziegler et al. 2019).
 
 Four models: policy <- sft.pt, reference = frozen sft.pt, value model <- rm.pt (the scalar head read
-at every position, without reward.py's --loglik term), reward = frozen rm.pt. All stay in eval mode:
-dropout is off everywhere, so log-probs during the update match the rollout's exactly. The gold pass rate of the rollouts (their
-execution in the sandbox) is logged, never used in the update: RM score and gold pass rate against
-KL show reward over-optimisation (Gao et al. 2022).
+at every position, without reward.py's --loglik term), reward = frozen rm.pt (--init, --ref and --rm
+name other checkpoints: run.sh's flywheel rounds continue from the last policy against a new RM).
+All stay in eval mode: dropout is off everywhere, so log-probs during the update match the
+rollout's exactly. The gold pass rate of the rollouts (their execution in the sandbox) is logged,
+never used in the update: RM score and gold pass rate against KL show reward over-optimisation
+(Gao et al. 2022); `--kl_coefs` runs one plain PPO per beta to trace that curve.
 
     python ppo.py --preset tiny --ptx_coef=0 --run_name=ppo      # plain PPO     -> out/tiny/ppo.pt
     python ppo.py --preset tiny                                    # PPO-ptx       -> out/tiny/ppo_ptx.pt
     python ppo.py --preset tiny --run_name=ppo_ptx --resume        # continue exactly from the checkpoint
+    python ppo.py --preset tiny --kl_coefs=0.01,0.03,0.1,0.3       # -> out/tiny/kl_sweep.json (+ .png)
 
 Writes out/<preset>/<run_name>.pt (policy weights as a language-model checkpoint, plus the value
 model, both optimizers, RNG and adaptive-KL state for an exact resume), a log per iteration
