@@ -20,8 +20,8 @@ import ppo
 import pretrain
 import reward
 import sft
-import tokenizer
 from data import tasks
+from conftest import make_code_dir
 
 BF16 = dict(device="cpu", dtype="bfloat16")
 
@@ -31,13 +31,7 @@ def out_dir(tmp_path_factory):
     """A miniature out/<preset>/: tokenizer, code .bin files and the four task splits."""
     out = tmp_path_factory.mktemp("out")
     text = "".join(inspect.getsource(m) for m in (common, pretrain, sft, reward))
-    enc = tokenizer.train([text], vocab_size=512)
-    tokenizer.save(enc, out / "tokenizer.json")
-    ids = np.array(enc.encode_ordinary(text), dtype=np.uint16)
-    (out / "code").mkdir()
-    ids.tofile(out / "code" / "train.bin")
-    ids[: len(ids) // 3].tofile(out / "code" / "val.bin")
-    (out / "code" / "meta.json").write_text(json.dumps({"dtype": "uint16"}))
+    make_code_dir(out, text, vocab_size=512)
     tasks.main(["--out_dir", str(out), "--n_sft=12", "--n_rm=6", "--n_ppo=4", "--n_test=2"])
     return out
 

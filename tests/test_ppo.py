@@ -3,7 +3,6 @@ import inspect
 import json
 import math
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,6 +11,7 @@ import common
 import ppo
 import tokenizer
 from model import GPT, GPTConfig, load_checkpoint, save_checkpoint
+from conftest import make_code_dir
 
 # ----------------------------------------------------------------------------- the pure functions
 
@@ -137,12 +137,7 @@ def out_dir(tmp_path_factory):
     """A miniature out/<preset>/ with random sft.pt / rm.pt, a ppo task file and code .bin files."""
     out = tmp_path_factory.mktemp("out")
     text = inspect.getsource(common) + inspect.getsource(ppo)
-    enc = tokenizer.train([text], vocab_size=320)
-    ids = np.array(enc.encode_ordinary(text), dtype=np.uint16)
-    (out / "code").mkdir()
-    ids.tofile(out / "code" / "train.bin")
-    ids[: len(ids) // 3].tofile(out / "code" / "val.bin")
-    (out / "code" / "meta.json").write_text(json.dumps({"dtype": "uint16"}))
+    enc = make_code_dir(out, text, vocab_size=320)
     (out / "tasks").mkdir()
     (out / "tasks" / "ppo.jsonl").write_text("".join(json.dumps(p) + "\n" for p in PROBLEMS))
     torch.manual_seed(0)

@@ -7,7 +7,7 @@ import pytest
 
 import common
 import pretrain
-import tokenizer
+from conftest import make_code_dir
 
 
 @pytest.fixture(scope="module")
@@ -15,13 +15,7 @@ def out_dir(tmp_path_factory):
     """A miniature out/<preset>/: a tokenizer and code .bin files made from this repo's own sources."""
     out = tmp_path_factory.mktemp("out")
     text = inspect.getsource(common) + inspect.getsource(pretrain)
-    enc = tokenizer.train([text], vocab_size=320)
-    tokenizer.save(enc, out / "tokenizer.json")
-    ids = np.array(enc.encode_ordinary(text), dtype=np.uint16)
-    (out / "code").mkdir()
-    ids.tofile(out / "code" / "train.bin")
-    ids[: len(ids) // 3].tofile(out / "code" / "val.bin")
-    (out / "code" / "meta.json").write_text(json.dumps({"dtype": "uint16"}))
+    make_code_dir(out, text, vocab_size=320)
     return out
 
 

@@ -17,7 +17,7 @@ import torch
 import common
 import ppo
 import pretrain
-import tokenizer
+from conftest import make_code_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,13 +27,7 @@ def out_dir(tmp_path_factory):
     """A miniature out/<preset>/: a tokenizer and code .bin files."""
     out = tmp_path_factory.mktemp("out")
     text = inspect.getsource(common) + inspect.getsource(pretrain)
-    enc = tokenizer.train([text], vocab_size=320)
-    tokenizer.save(enc, out / "tokenizer.json")
-    ids = np.array(enc.encode_ordinary(text), dtype=np.uint16)
-    (out / "code").mkdir()
-    ids.tofile(out / "code" / "train.bin")
-    ids[: len(ids) // 3].tofile(out / "code" / "val.bin")
-    (out / "code" / "meta.json").write_text(json.dumps({"dtype": "uint16"}))
+    make_code_dir(out, text, vocab_size=320)
     return out
 
 
