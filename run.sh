@@ -52,6 +52,16 @@ fi
 mkdir -p "$DONE"
 python -c "import common, sys; common.update_results(sys.argv[1], {'preset': sys.argv[2]})" "$OUT" "$PRESET"
 T0=$(date +%s)
+add_total() {  # seconds.total: this run's wall time added to the earlier runs' (a resumed run's)
+  python - "$OUT" "$(( $(date +%s) - T0 ))" <<'PY'
+import json, sys, common
+from pathlib import Path
+p = Path(sys.argv[1]) / "results.json"
+before = json.loads(p.read_text()).get("seconds", {}).get("total", 0) if p.exists() else 0
+common.update_results(sys.argv[1], {"seconds": {"total": before + float(sys.argv[2])}})
+PY
+}
+trap add_total EXIT  # a run that fails or is interrupted counts too: its finished stages' seconds do
 
 stage() {  # stage NAME KEY COMMAND...: run COMMAND unless stamped done; add its wall time to seconds.KEY
   local name=$1 key=$2; shift 2
@@ -125,12 +135,6 @@ done
 # 7. evidence: 95% intervals, paired differences (ppo - sft, ...), best-of-n; figures (with matplotlib)
 python evaluate.py --preset "$PRESET" --out_dir "$OUT" --compare --figures
 
-python - "$OUT" "$(( $(date +%s) - T0 ))" <<'PY'
-import json, sys, common
-from pathlib import Path
-p = Path(sys.argv[1]) / "results.json"  # (a resumed run adds its time to the earlier runs')
-before = json.loads(p.read_text()).get("seconds", {}).get("total", 0) if p.exists() else 0
-common.update_results(sys.argv[1], {"seconds": {"total": before + float(sys.argv[2])}})
-print(json.dumps(json.loads((Path(sys.argv[1]) / "results.json").read_text()), indent=2))
-PY
+trap - EXIT; add_total
+python -c "import json, sys; print(json.dumps(json.load(open(sys.argv[1] + '/results.json')), indent=2))" "$OUT"
 python evaluate.py --table "$OUT/results.json"

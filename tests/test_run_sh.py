@@ -1,0 +1,276 @@
+"""run.sh's resumable, multi-round chain (issue 13).
+
+Fast (default suite): run.sh's own logic, with a stand-in `python` first on PATH that records each
+stage's command line and writes the files the next stages look for; run.sh's inline `python -c` /
+`python -` snippets (results.json bookkeeping) run with the real interpreter. Checked: the flywheel
+arguments of rounds 2 and 3, the stamps, `--resume` skipping finished stages and passing `--resume`
+to pretrain / PPO only where their checkpoint exists, a crashed stage left unstamped and rerun, a
+fresh start ignoring old stamps and checkpoints.
+
+Slow: the real chain, `tiny --smoke` (the cheapest preset), in one out dir: a 1-round run, then a
+`--resume --rounds 2` that must run only round 2's stages and in which round 2's evaluation is made
+to fail, then a `--resume` after deleting the `eval_ppo` stamp that must rerun exactly eval_ppo and
+the failed eval_ppo_r2."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+ROUND1 = ["corpus", "tokenizer", "tokenize", "tasks", "pretrain", "eval_base", "sft", "reward", "eval_sft",
+          "ppo", "eval_ppo", "ppo_ptx", "eval_ppo_ptx"]
+
+
+def round_stages(r):
+    return [f"reward_r{r}", f"ppo_r{r}", f"eval_ppo_r{r}"]
+
+
+def skipped(stdout):
+    """The stage names run.sh reported as skipped, in order."""
+    return [line.split("] ", 1)[1].split(":")[0] for line in stdout.splitlines()
+            if line.startswith("=== [") and line.endswith("done, skipped (--resume)")]
+
+
+# ----------------------------------------------------------------------------- run.sh's logic, fast
+
+FAKE_PYTHON = r'''#!@REAL@ -S
+"""A stand-in for `python` in run.sh: the real interpreter for -c / - / -m, otherwise a record of the
+stage's command line (to $FAKE_LOG) and the files the next stages read."""
+import json, os, sys
+REAL = '@REAL@'
+argv = sys.argv[1:]
+if not argv or argv[0].startswith("-"):
+    os.execv(REAL, [REAL, "-S"] + argv)  # -S: no site-packages (3x faster start)
+script, args = argv[0], argv[1:]
+if "--print_vocab_size" in args:
+    print(4096)
+    sys.exit(0)
+
+def opt(name):
+    for i, a in enumerate(args):
+        if a == "--" + name:
+            return args[i + 1]
+        if a.startswith("--" + name + "="):
+            return a.split("=", 1)[1]
+
+with open(os.environ["FAKE_LOG"], "a") as f:
+    f.write(json.dumps([script] + args) + "\n")
+if os.environ.get("FAKE_FAIL") and os.environ["FAKE_FAIL"] in " ".join(argv):
+    sys.exit("fake crash: " + os.environ["FAKE_FAIL"])
+out = opt("out_dir")
+
+def touch(name):
+    open(os.path.join(out, name), "w").close()
+
+if script == "tokenizer.py":
+    with open(opt("report"), "w") as f:
+        json.dump({"vocab_size": 4096, "bytes_per_token": 3.5, "bytes_per_token_no_ws": 2.0}, f)
+elif script == "pretrain.py":
+    touch("base.pt")
+elif script == "sft.py":
+    touch("sft.pt")
+elif script == "reward.py":
+    r = int(opt("round") or 1)
+    touch("rm.pt" if r == 1 else f"rm_r{r}.pt")
+    touch("comparisons.jsonl" if r == 1 else f"comparisons_r{r}.jsonl")
+elif script == "ppo.py":
+    touch(opt("run_name") + ".pt")
+elif script == "evaluate.py" and opt("model_name"):
+    p = os.path.join(out, "results.json")
+    res = json.load(open(p))
+    res.setdefault("models", {}).setdefault(opt("model_name"), {})["pass@1"] = 0.25
+    json.dump(res, open(p, "w"))
+'''
+
+
+@pytest.fixture
+def fake_run(tmp_path):
+    """run(*args, fail=None) -> (returncode, output, [recorded stage command lines])."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "python"
+    fake.write_text(FAKE_PYTHON.replace("@REAL@", sys.executable))
+    fake.chmod(0o755)
+    out, log = tmp_path / "out", tmp_path / "log.jsonl"
+
+    def run(*args, fail=None):
+        log.write_text("")
+        env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "FLYWHEEL_OUT": str(out),
+               "FAKE_LOG": str(log), "FAKE_FAIL": fail or ""}
+        p = subprocess.run(["bash", "run.sh", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=300)
+        return p.returncode, p.stdout + p.stderr, [json.loads(line) for line in log.read_text().splitlines()]
+    run.out = out
+    return run
+
+
+def by_stage(cmds):
+    """{stage name: command line} of recorded commands (stage names as run.sh's stamps)."""
+    names = {}
+    for cmd in cmds:
+        script, args = cmd[0], cmd[1:]
+        opt = {a.split("=", 1)[0]: a.split("=", 1)[1] for a in args if "=" in a}
+        rnd = int(opt.get("--round", 1))
+        if script == "data/code.py":
+            name = "tokenize" if "--tokenize" in args else "corpus"
+        elif script == "evaluate.py":
+            if "--table" in args:
+                continue
+            name = "eval_" + args[args.index("--model_name") + 1]
+        elif script == "ppo.py":
+            name = opt["--run_name"]
+        elif script == "reward.py":
+            name = "reward" if rnd == 1 else f"reward_r{rnd}"
+        else:
+            name = Path(script).stem
+        assert name not in names, f"{name} ran twice"
+        names[name] = args
+    return names
+
+
+def test_usage_errors():
+    for args in (["--rounds", "0"], ["--rounds"], ["--rounds=x"], ["huge"], ["--resum"]):
+        p = subprocess.run(["bash", "run.sh", *args], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert p.returncode == 2 and "usage" in p.stderr, args
+
+
+def test_rounds_arguments_stamps_and_results(fake_run):
+    rc, output, cmds = fake_run("tiny", "--rounds", "3")
+    assert rc == 0, output[-3000:]
+    out = fake_run.out
+    stages = by_stage(cmds)
+    assert list(stages) == ROUND1 + round_stages(2) + round_stages(3)
+    assert not any("--resume" in args for args in stages.values())
+    assert sorted(p.name for p in (out / "done").iterdir()) == sorted(stages)
+    # round 2 samples from round 1's PPO policy and keeps round 1's comparisons; round 3 from round 2's
+    for r, prev in ((2, ""), (3, "_r2")):
+        args = stages[f"reward_r{r}"]
+        cmps = ",".join([f"{out}/comparisons.jsonl"] + [f"{out}/comparisons_r{q}.jsonl" for q in range(2, r)])
+        assert "--references" not in args  # (--smoke only)
+        assert {f"--round={r}", f"--policy={out}/ppo{prev}.pt", f"--prev_rm={out}/rm{prev}.pt"} <= set(args)
+        assert args[args.index("--comparisons") + 1] == cmps
+        args = stages[f"ppo_r{r}"]
+        assert {"--ptx_coef=0", f"--run_name=ppo_r{r}", f"--init={out}/ppo{prev}.pt", f"--ref={out}/sft.pt",
+                f"--rm={out}/rm_r{r}.pt"} <= set(args)
+        assert stages[f"eval_ppo_r{r}"][stages[f"eval_ppo_r{r}"].index("--ckpt") + 1] == f"{out}/ppo_r{r}.pt"
+    results = json.loads((out / "results.json").read_text())
+    assert [e["round"] for e in results["rounds"]] == [1, 2, 3]
+    assert all(e["policy"]["pass@1"] == 0.25 for e in results["rounds"])
+    assert results["seconds"]["total"] >= 0 and {"reward", "ppo", "evaluate"} <= set(results["seconds"])
+
+
+def test_resume_skips_finished_stages_and_reruns_a_crashed_one(fake_run):
+    out = fake_run.out
+    # a crash in round 2's PPO: the stages before it are stamped, it and the later ones are not
+    rc, output, cmds = fake_run("tiny", "--rounds", "2", fail="--run_name=ppo_r2")
+    assert rc != 0 and "fake crash" in output
+    assert list(by_stage(cmds)) == ROUND1 + ["reward_r2", "ppo_r2"]
+    assert sorted(p.name for p in (out / "done").iterdir()) == sorted(ROUND1 + ["reward_r2"])
+    assert "total" in json.loads((out / "results.json").read_text())["seconds"]  # a crashed run's time counts
+    (out / "ppo_r2.pt").touch()  # the checkpoint the crashed run left
+    # --resume: exactly the unstamped stages run; PPO continues from its checkpoint
+    rc, output, cmds = fake_run("tiny", "--rounds", "2", "--resume")
+    assert rc == 0, output[-3000:]
+    stages = by_stage(cmds)
+    assert list(stages) == ["ppo_r2", "eval_ppo_r2"] and "--resume" in stages["ppo_r2"]
+    assert skipped(output) == ROUND1 + ["reward_r2"]
+    assert [e["round"] for e in json.loads((out / "results.json").read_text())["rounds"]] == [1, 2]
+    # a deleted stamp: that stage reruns (pretrain with --resume: base.pt is there), the stamped ones do not
+    for name in ("pretrain", "eval_ppo"):
+        (out / "done" / name).unlink()
+    rc, output, cmds = fake_run("tiny", "--rounds", "2", "--resume")
+    assert rc == 0, output[-3000:]
+    stages = by_stage(cmds)
+    assert list(stages) == ["pretrain", "eval_ppo"] and "--resume" in stages["pretrain"]
+    # all done: a --resume runs nothing; --rounds 3 then runs round 3 alone
+    rc, output, cmds = fake_run("tiny", "--rounds", "2", "--resume")
+    assert rc == 0 and by_stage(cmds) == {}
+    rc, output, cmds = fake_run("tiny", "--rounds", "3", "--resume")
+    assert rc == 0 and list(by_stage(cmds)) == round_stages(3)
+    # without --resume: a fresh start, though stamps and checkpoints are there
+    rc, output, cmds = fake_run("tiny", "--rounds", "2")
+    assert rc == 0 and skipped(output) == []
+    stages = by_stage(cmds)
+    assert list(stages) == ROUND1 + round_stages(2) and not any("--resume" in a for a in stages.values())
+    assert [e["round"] for e in json.loads((out / "results.json").read_text())["rounds"]] == [1, 2]
+
+
+# ----------------------------------------------------------------------------- the real chain, slow
+
+def run_sh(out, *args):
+    t = time.time()
+    p = subprocess.run(["bash", "run.sh", "tiny", "--smoke", *args], cwd=ROOT, capture_output=True, text=True,
+                       env={**os.environ, "FLYWHEEL_OUT": str(out)}, timeout=1800)
+    print(f"run.sh tiny --smoke {' '.join(args)}: {time.time() - t:.0f}s")
+    return p
+
+
+def ran(stdout):
+    """The command lines of the stages that ran."""
+    return [line for line in stdout.splitlines() if line.startswith("=== [") and not line.endswith("(--resume)")]
+
+
+@pytest.mark.slow
+def test_tiny_smoke_two_rounds_resumed_and_a_crashed_stage_rerun(tmp_path):
+    out = tmp_path / "tiny_smoke"
+    # 1. one round. The stages that the rounds do not use are stamped beforehand, so --resume skips them
+    #    (it saves ~70 s: ppo_ptx and three evaluations); the other stages run as in a fresh run
+    skip = ["eval_base", "eval_sft", "ppo_ptx", "eval_ppo_ptx"]
+    (out / "done").mkdir(parents=True)
+    for name in skip:
+        (out / "done" / name).touch()
+    p = run_sh(out, "--resume")
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
+    assert skipped(p.stdout) == skip
+    results = json.loads((out / "results.json").read_text())
+    assert [e["round"] for e in results["rounds"]] == [1] and "pass@1" in results["rounds"][0]["policy"]
+    ckpts = ["base.pt", "sft.pt", "rm.pt", "ppo.pt", "comparisons.jsonl"]
+    mtimes = {f: (out / f).stat().st_mtime_ns for f in ckpts}
+
+    # 2. --rounds 2 --resume: only round 2's stages run; round 2's evaluation is made to fail (its
+    #    problems file hidden): the run stops there, without that stage's stamp
+    test_file = out / "tasks" / "test.jsonl"
+    test_file.rename(test_file.with_suffix(".hidden"))
+    p = run_sh(out, "--rounds", "2", "--resume")
+    assert p.returncode != 0 and "test.jsonl not found" in p.stdout + p.stderr
+    assert skipped(p.stdout) == ROUND1
+    assert [line.split("] ")[1].split()[1] for line in ran(p.stdout)] == ["reward.py", "ppo.py", "evaluate.py"]
+    assert (out / "done" / "ppo_r2").exists() and not (out / "done" / "eval_ppo_r2").exists()
+    assert {f: (out / f).stat().st_mtime_ns for f in ckpts} == mtimes
+    rows = [json.loads(line) for line in (out / "comparisons_r2.jsonl").read_text().splitlines()]
+    assert rows and all(r["round"] == 2 and r["policy"] == str(out / "ppo.pt") for r in rows)
+    assert sum(r["scores"].count(max(r["scores"])) < len(r["scores"]) for r in rows) > 0  # not all ties
+    assert (out / "rm_r2.pt").exists() and (out / "ppo_r2.pt").exists()
+    ppo_r2 = (out / "ppo_r2.pt").stat().st_mtime_ns
+
+    # 3. the problems back, eval_ppo's stamp deleted: --resume reruns exactly eval_ppo and eval_ppo_r2
+    test_file.with_suffix(".hidden").rename(test_file)
+    (out / "done" / "eval_ppo").unlink()
+    p = run_sh(out, "--rounds", "2", "--resume")
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
+    assert all(" evaluate.py " in line for line in ran(p.stdout))
+    assert [line.rsplit("--model_name ", 1)[1] for line in ran(p.stdout)] == ["ppo", "ppo_r2"]
+    assert skipped(p.stdout) == [s for s in ROUND1 if s != "eval_ppo"] + ["reward_r2", "ppo_r2"]
+    assert {f: (out / f).stat().st_mtime_ns for f in ckpts} == mtimes
+    assert (out / "ppo_r2.pt").stat().st_mtime_ns == ppo_r2
+    assert sorted(p.name for p in (out / "done").iterdir()) == sorted(ROUND1 + round_stages(2))
+
+    results = json.loads((out / "results.json").read_text())
+    rounds = results["rounds"]
+    assert [e["round"] for e in rounds] == [1, 2]
+    for e in rounds:
+        assert e["n_comparisons"] > 0 and 0 <= e["rm_val_accuracy"] <= 1, e
+        assert 0 <= e["policy"]["pass@1"] <= 1 and {"kl", "rm_score", "val_loss"} <= set(e["policy"]), e
+    assert rounds[1]["n_comparisons"] > rounds[0]["n_comparisons"]  # round 2's RM: both rounds' comparisons
+    assert {"rm_accuracy_before", "rm_accuracy_after", "n_fresh_val_comparisons"} <= set(rounds[1])
+    assert rounds[1]["policy"] == {k: v for k, v in results["models"]["ppo_r2"].items()}
+    # every run's time is in the total, the failed one's too (its stages' seconds are in theirs)
+    seconds = results["seconds"]
+    assert seconds["total"] >= sum(v for k, v in seconds.items() if k != "total") > 0
+    print(f"seconds: {seconds}")
