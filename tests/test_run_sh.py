@@ -120,7 +120,7 @@ def by_stage(cmds):
         if script == "data/code.py":
             name = "tokenize" if "--tokenize" in args else "corpus"
         elif script == "evaluate.py":
-            if "--table" in args:
+            if "--table" in args or "--compare" in args:  # the evidence and the table: not stages
                 continue
             name = "eval_" + args[args.index("--model_name") + 1]
         elif script == "ppo.py":
