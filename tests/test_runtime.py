@@ -2,7 +2,6 @@
 that agree on when to stop, stages that run on rank 0 only under torchrun, the pinned batch, MFU over
 every GPU, a resume that keeps the RNG state on the CPU, logging that reads the loss only when it
 logs, and PPO's refusal of top_p < 1."""
-import inspect
 import json
 import os
 import signal
@@ -17,18 +16,11 @@ import torch
 import common
 import ppo
 import pretrain
-from conftest import make_code_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def out_dir(tmp_path_factory):
-    """A miniature out/<preset>/: a tokenizer and code .bin files."""
-    out = tmp_path_factory.mktemp("out")
-    text = inspect.getsource(common) + inspect.getsource(pretrain)
-    make_code_dir(out, text, vocab_size=320)
-    return out
+from test_pretrain import out_dir  # noqa: E402,F401  (the same miniature corpus: tokenizer + code .bin)
 
 
 def tiny_pretrain(**kw):
