@@ -207,16 +207,22 @@ def test_reward_end_to_end_on_a_comparisons_file(tmp_path, enc, loglik):
     assert sum(ref_scores) / len(ref_scores) == pytest.approx(0.0, abs=1e-4)
 
 
-def test_loglik_rm_starts_at_the_sft_mean_log_likelihood(tmp_path, enc):
-    """--loglik (the default): before any update, r(x, y) differs between completions exactly as the
-    SFT model's mean log-likelihood of completion + end of text does (the bias then centres it)."""
+def sft_and_rm_prompts(tmp_path, enc, n):
+    """tmp_path as an out dir: a random sft.pt and tasks/rm.jsonl with n prompts `def f<i>(x):`."""
     torch.manual_seed(0)
     sft_model = GPT(GPTConfig(vocab_size=enc.n_vocab, block_size=64, n_layer=1, n_head=2, n_embd=32)).eval()
     save_checkpoint(tmp_path / "sft.pt", sft_model, tokenizer=tok.to_state(enc), stage="sft", step=0)
     problems = [{"task_id": f"t/{i}", "prompt": f"def f{i}(x):\n", "canonical_solution": "    return x\n",
-                 "test": "", "entry_point": f"f{i}"} for i in range(8)]
+                 "test": "", "entry_point": f"f{i}"} for i in range(n)]
     (tmp_path / "tasks").mkdir()
     (tmp_path / "tasks" / "rm.jsonl").write_text("".join(json.dumps(p) + "\n" for p in problems))
+    return sft_model, problems
+
+
+def test_loglik_rm_starts_at_the_sft_mean_log_likelihood(tmp_path, enc):
+    """--loglik (the default): before any update, r(x, y) differs between completions exactly as the
+    SFT model's mean log-likelihood of completion + end of text does (the bias then centres it)."""
+    sft_model, problems = sft_and_rm_prompts(tmp_path, enc, 8)
     comps = ["    return x\n", "    pass\n", "    return -x + 1\n"]
     rows = [{"task_id": p["task_id"], "prompt": p["prompt"], "completions": comps, "scores": [1.0, 0.0, 0.5]}
             for p in problems]
@@ -253,13 +259,7 @@ def test_score_cli_adds_rm_score(tmp_path, enc):
 
 
 def test_a_prompt_ranked_twice_keeps_both_rankings_on_one_side_of_the_split(tmp_path, enc):
-    torch.manual_seed(0)
-    sft_model = GPT(GPTConfig(vocab_size=enc.n_vocab, block_size=64, n_layer=1, n_head=2, n_embd=32))
-    save_checkpoint(tmp_path / "sft.pt", sft_model, tokenizer=tok.to_state(enc), stage="sft", step=0)
-    problems = [{"task_id": f"t/{i}", "prompt": f"def f{i}(x):\n", "canonical_solution": "    return x\n",
-                 "test": "", "entry_point": f"f{i}"} for i in range(4)]
-    (tmp_path / "tasks").mkdir()
-    (tmp_path / "tasks" / "rm.jsonl").write_text("".join(json.dumps(p) + "\n" for p in problems))
+    sft_model, problems = sft_and_rm_prompts(tmp_path, enc, 4)
     rows = [{"task_id": p["task_id"], "prompt": p["prompt"], "completions": ["    return x\n", "    pass\n", "    x\n"],
              "scores": s} for p in problems for s in ([1.0, 0.0, 0.0], [1.0, 0.5, 0.0])]
     rows.append({**rows[0], "scores": [0.0, 0.0, 0.0]})            # all tied: no comparison
@@ -272,13 +272,7 @@ def test_a_prompt_ranked_twice_keeps_both_rankings_on_one_side_of_the_split(tmp_
 def test_two_rounds_of_comparisons_merge_with_tags_and_keep_one_heldout_split(tmp_path, enc):
     """The flywheel: round 2 trains on round 1's comparisons plus its own (tags kept), writes
     rm_r2.pt, and holds out the same prompts as round 1 (the split is by prompt, over the rm split)."""
-    torch.manual_seed(0)
-    sft_model = GPT(GPTConfig(vocab_size=enc.n_vocab, block_size=64, n_layer=1, n_head=2, n_embd=32))
-    save_checkpoint(tmp_path / "sft.pt", sft_model, tokenizer=tok.to_state(enc), stage="sft", step=0)
-    problems = [{"task_id": f"t/{i}", "prompt": f"def f{i}(x):\n", "canonical_solution": "    return x\n",
-                 "test": "", "entry_point": f"f{i}"} for i in range(20)]
-    (tmp_path / "tasks").mkdir()
-    (tmp_path / "tasks" / "rm.jsonl").write_text("".join(json.dumps(p) + "\n" for p in problems))
+    sft_model, problems = sft_and_rm_prompts(tmp_path, enc, 20)
     one = [{"task_id": p["task_id"], "prompt": p["prompt"], "completions": ["    return x\n", "    pass\n"],
             "scores": [1.0, 0.0], "round": 1, "policy": "sft.pt"} for p in problems[:12]]  # 12 prompts ranked
     two = [{"task_id": p["task_id"], "prompt": p["prompt"], "completions": ["    return x\n", "    x\n", "    pass\n"],
