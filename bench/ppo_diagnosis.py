@@ -3,9 +3,13 @@
 For the reference policy (sft.pt) sampled at temperatures T on the ppo prompts, prints the RM
 score's mean and spread over samples, the noise of a rollout batch's mean (std / sqrt(batch)), and
 the KL (nats per completion) from the policy PPO starts at (sft.pt at the rollout temperature 0.8)
-that sampling at T costs: how much RM score a given KL can buy, against the RM's noise.
+that sampling at T costs: how much RM score a given KL can buy, against the RM's noise. Then the
+quantiles of the RM score over the samples of each checkpoint in --policies (sft.pt first) at the
+rollout temperature, and the lowest-scoring completion: where in its distribution a policy gains or
+loses RM score (the mean of this RM is set by a left tail of malformed completions).
 
     python bench/ppo_diagnosis.py --out_dir out/tiny [--n 512] [--temperatures 0.8,0.6,0.4,0.2]
+    python bench/ppo_diagnosis.py --out_dir out/tiny --temperatures= --policies out/tiny/ppo.pt
 """
 import argparse
 import sys
@@ -29,6 +33,8 @@ def main():
     ap.add_argument("--batch", type=int, default=128, help="PPO's rollout batch (for the noise of its mean)")
     ap.add_argument("--temperatures", default="0.8,0.6,0.4,0.2")
     ap.add_argument("--base_temperature", type=float, default=0.8, help="the rollout temperature")
+    ap.add_argument("--policies", default="", help="comma-separated checkpoints whose RM-score quantiles "
+                    "to print next to sft.pt's (e.g. a PPO run's .pt)")
     args = ap.parse_args()
     out = Path(args.out_dir)
     torch.manual_seed(0)
@@ -44,11 +50,16 @@ def main():
     prompts = [enc.encode_ordinary(problems[t]["prompt"]) for t in picks]
     print(f"{args.n} samples per temperature from {out / 'sft.pt'}; RM {out / 'rm.pt'}")
     print("T     RM mean  RM std  std/sqrt(batch)  KL to sft@T0   mean len  no-stop")
-    for T in [float(t) for t in args.temperatures.split(",")]:
-        comps = sample_completions(sft, enc, [problems[t]["prompt"] for t in picks], 64, temperature=T,
+
+    def sample_and_score(policy, T):  # the same prompts and random stream for every policy and T
+        comps = sample_completions(policy, enc, [problems[t]["prompt"] for t in picks], 64, temperature=T,
                                    batch_size=256, generator=torch.Generator().manual_seed(1))
         scores = torch.tensor(score_samples(rm, enc, problems, [{"task_id": t, "completion": c["completion"]}
                                                                 for t, c in zip(picks, comps)]))
+        return comps, scores
+
+    for T in [float(t) for t in args.temperatures.split(",") if t]:
+        comps, scores = sample_and_score(sft, T)
         # KL(pi_T || pi_T0) per completion = E_{y ~ pi_T} sum_t log pi_T(y_t) - log pi_T0(y_t), on the
         # sampled tokens (the completion's text re-encoded, as PPO's rollouts hold them up to the stop)
         kls = []
@@ -64,6 +75,17 @@ def main():
         no_stop = sum(c["finish"] == "length" for c in comps) / len(comps)
         print(f"{T:<5} {scores.mean():+.4f}  {scores.std():.4f}  {scores.std() / args.batch ** 0.5:.4f}"
               f"           {kl.mean():7.3f}       {lens.mean():6.1f}    {no_stop:.3f}")
+
+    qs = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
+    print(f"\nRM score quantiles at T={args.base_temperature}, {args.n} samples: "
+          + "  ".join(f"q{q:g}" for q in qs))
+    for path in [out / "sft.pt"] + [Path(p) for p in args.policies.split(",") if p]:
+        policy, _ = load_checkpoint(path)
+        comps, scores = sample_and_score(policy.eval(), args.base_temperature)
+        q = torch.quantile(scores, torch.tensor(qs, dtype=scores.dtype)).tolist()
+        worst = int(scores.argmin())
+        print(f"{path.name}: mean {scores.mean():+.3f}  std {scores.std():.3f}  " + "  ".join(f"{x:+.2f}" for x in q)
+              + f"  (min {scores[worst]:+.2f}: {comps[worst]['completion'][:60]!r})")
 
 
 if __name__ == "__main__":
