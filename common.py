@@ -133,6 +133,18 @@ def require(path, hint):
     return path
 
 
+def pyplot():
+    """matplotlib.pyplot with the file-only Agg backend, or None when matplotlib is not installed:
+    figures are optional, and every stage that draws one skips it without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
 # ----------------------------------------------------------------------------- device, DDP, autocast
 
 @dataclasses.dataclass

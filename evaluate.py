@@ -389,16 +389,6 @@ def evidence(out_dir, ks=(1, 10, 100), n_boot=N_BOOT, seed=0, strict=True):
 
 # ----------------------------------------------------------------------------- figures
 
-def _pyplot():
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    return plt
-
-
 def _read_logs(out_dir, run):
     import json
     path = Path(out_dir) / "logs" / f"{run}.jsonl"
@@ -420,7 +410,7 @@ def figures(out_dir, dpi=100):
 
     matplotlib is optional: without it nothing is drawn and the returned list is empty."""
     import json
-    plt = _pyplot()
+    plt = common.pyplot()
     if plt is None:
         print("figures: matplotlib is not installed, no figures drawn (pip install matplotlib)")
         return []
@@ -686,13 +676,12 @@ def sample_main(cfg, args):
             if picks:
                 print("  pick one of n: " + ", ".join(f"{k} {v:.4f}" for k, v in picks.items()))
             if not tag:
-                summary.update({k: round(v, 4) for k, v in table.items()})
-                summary["ci"] = {k: [round(x, 4) for x in v] for k, v in ci.items()}
+                summary.update(_rounded(table))
+                summary["ci"] = _rounded(ci)
                 if picks:
-                    summary["pick"] = {k: round(v, 4) for k, v in picks.items()}
+                    summary["pick"] = _rounded(picks)
             if temperature in sweep and (tag or reuse):
-                sweep_rows[temperature] = {"temperature": temperature, **{k: round(v, 4) for k, v in table.items()},
-                                           "ci": {k: [round(x, 4) for x in v] for k, v in ci.items()}}
+                sweep_rows[temperature] = {"temperature": temperature, **_rounded(table), "ci": _rounded(ci)}
     if sweep:
         print(f"temperature sweep: {len(sweep_problems)} problems x {sweep_n} samples at T = "
               f"{', '.join(map(str, sweep))}; {t_sweep:.1f}s of sampling and execution beyond the main run")

@@ -594,11 +594,8 @@ def plot_overoptimization(history, stem, title):
         w = csv.writer(f)
         w.writerow(cols)
         w.writerows([[r[c] for c in cols] for r in history])
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = common.pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(6, 4))
     kl = [r["kl"] for r in history]
@@ -647,11 +644,8 @@ def kl_sweep(cfg, out_dir, preset, betas):
 def plot_kl_sweep(rows, path):
     """Proxy (RM score) and gold (pass rate of the rollouts, and pass@1 on test) against KL, one
     point per beta; skipped without matplotlib."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = common.pyplot()
+    if plt is None:
         return
     rows = sorted(rows, key=lambda r: r["kl"])
     kl = [r["kl"] for r in rows]

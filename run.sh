@@ -52,15 +52,17 @@ fi
 mkdir -p "$DONE"
 python -c "import common, sys; common.update_results(sys.argv[1], {'preset': sys.argv[2]})" "$OUT" "$PRESET"
 T0=$(date +%s)
-add_total() {  # seconds.total: this run's wall time added to the earlier runs' (a resumed run's)
-  python - "$OUT" "$(( $(date +%s) - T0 ))" <<'PY'
+add_seconds() {  # add_seconds KEY SECONDS: seconds.KEY += SECONDS in results.json (resumed runs add up)
+  python - "$OUT" "$1" "$2" <<'PY'
 import json, sys, common
 from pathlib import Path
-p = Path(sys.argv[1]) / "results.json"
-before = json.loads(p.read_text()).get("seconds", {}).get("total", 0) if p.exists() else 0
-common.update_results(sys.argv[1], {"seconds": {"total": before + float(sys.argv[2])}})
+out, key, dt = sys.argv[1], sys.argv[2], float(sys.argv[3])
+p = Path(out) / "results.json"
+seconds = json.loads(p.read_text()).get("seconds", {}) if p.exists() else {}
+common.update_results(out, {"seconds": {key: seconds.get(key, 0) + dt}})
 PY
 }
+add_total() { add_seconds total "$(( $(date +%s) - T0 ))"; }  # seconds.total: this run's wall time
 trap add_total EXIT  # a run that fails or is interrupted counts too: its finished stages' seconds do
 
 stage() {  # stage NAME KEY COMMAND...: run COMMAND unless stamped done; add its wall time to seconds.KEY
@@ -69,14 +71,7 @@ stage() {  # stage NAME KEY COMMAND...: run COMMAND unless stamped done; add its
   echo "=== [$key] $*"
   local t=$(date +%s)
   "$@"
-  python - "$OUT" "$key" "$(( $(date +%s) - t ))" <<'PY'
-import json, sys, common
-from pathlib import Path
-out, key, dt = sys.argv[1], sys.argv[2], float(sys.argv[3])
-p = Path(out) / "results.json"
-seconds = json.loads(p.read_text()).get("seconds", {}) if p.exists() else {}
-common.update_results(out, {"seconds": {key: seconds.get(key, 0) + dt}})
-PY
+  add_seconds "$key" "$(( $(date +%s) - t ))"
   touch "$DONE/$name"
 }
 resume_flag() {  # --resume for a script that can continue exactly from its own checkpoint FILE

@@ -255,7 +255,7 @@ def test_figures_are_small_pngs_or_skipped(tmp_path, monkeypatch, capsys):
     (tmp_path / "kl_sweep.json").write_text(json.dumps({"rows": [
         {"kl_coef": c, "kl": 1 / c / 100, "rm_score": 0.1, "gold_pass": 0.3, "pass@1": 0.31, "ci": [0.28, 0.34]}
         for c in (0.01, 0.05)]}))
-    monkeypatch.setattr(evaluate, "_pyplot", lambda: None)
+    monkeypatch.setattr(evaluate.common, "pyplot", lambda: None)
     assert evaluate.figures(tmp_path) == []
     assert "matplotlib is not installed" in capsys.readouterr().out
     monkeypatch.undo()
