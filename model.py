@@ -554,7 +554,7 @@ def _decode_step(model, tok, cache, uniform, ban, temperature, top_k, top_p):
 
 
 _compiled = None
-_static_caches = weakref.WeakKeyDictionary()  # model -> {(batch, dtype): KVCache(static=True)}
+_static_caches = weakref.WeakKeyDictionary()  # model -> {(batch, dtype, device): KVCache(static=True)}
 
 
 def _compiled_decode_step():
