@@ -206,15 +206,17 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.transformer.wpe.weight.numel() if non_embedding else n
 
-    def forward(self, idx, targets=None, valid=None, cache=None, logits_from=0):
+    def forward(self, idx, targets=None, valid=None, cache=None, logits_from=0, logits_at=None):
         """idx (B, T) token ids. Returns (out, loss):
 
         - lm head: logits (B, T, V), only for positions logits_from.. when given (-1: the last;
-          the unembedding is the costliest matmul at this size), and the mean cross-entropy over
-          targets != -1 when targets are given;
+          the unembedding is the costliest matmul at this size), or (N, V) for the N positions
+          where the bool mask `logits_at` (B, T) is True (sft.py: a demonstration's completion
+          tokens); and the mean cross-entropy over targets != -1 when targets are given;
         - scalar head: values (B, T), loss None; with config.loglik, values[:, t] also adds
           log p(idx[:, t] | idx[:, :t]) from the tied unembedding for t > logits_from (none at
-          t = 0), so a reward model can start from the LM's likelihood of a completion (reward.py).
+          t = 0), or only where `logits_at` is True, so a reward model can start from the LM's
+          likelihood of a completion (reward.py).
         `valid` (B, T) marks real tokens when rows are left-padded (positions then start at each
         row's first real token); `cache` is a KVCache to read from and append to.
 
@@ -269,12 +271,17 @@ class GPT(nn.Module):
             values = self.score_head(x).squeeze(-1)
             if self.config.loglik:
                 assert cache is None and logits_from >= 0, "loglik needs the whole sequence"
-                logits = self.unembed_fp32(x[:, logits_from:-1])
-                logp = F.log_softmax(logits, -1).gather(2, idx[:, logits_from + 1:, None]).squeeze(2)
-                values = values.float() + F.pad(logp, (logits_from + 1, 0))
+                if logits_at is None:
+                    logits = self.unembed_fp32(x[:, logits_from:-1])
+                    logp = F.log_softmax(logits, -1).gather(2, idx[:, logits_from + 1:, None]).squeeze(2)
+                    values = values.float() + F.pad(logp, (logits_from + 1, 0))
+                else:  # the term only at the positions logits_at marks (never t = 0): logits at t - 1
+                    logits = self.unembed_fp32(x[F.pad(logits_at[:, 1:], (0, 1))])
+                    logp = F.log_softmax(logits, -1).gather(1, idx[logits_at][:, None]).squeeze(1)
+                    values = values.float().index_put((logits_at,), logp, accumulate=True)
             return values, None
         if targets is None:
-            return self.unembed_fp32(x[:, logits_from:]), None
+            return self.unembed_fp32(x[:, logits_from:] if logits_at is None else x[logits_at]), None
         logits = self.lm_head(x)
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
                                ignore_index=-1)
@@ -312,10 +319,11 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None,
     top-k keeps the k most likely tokens; top-p (nucleus, Holtzman et al. 2019) the smallest set of
     most likely tokens whose probability reaches top_p (at least the most likely one). Both keep a
     prefix of the tokens sorted by probability, sampled in proportion to their probabilities.
-    Sorting the whole vocabulary every step is the slow part of that on a CPU, so the nucleus is
-    first looked for among the 128 most likely tokens, and the full sort is done only for a step
-    where some row's nucleus is wider than that; `static` always sorts (no decision on the host,
-    for a captured CUDA graph)."""
+    Sorting is the slow part on a CPU (topk over 256 x 4096: 7 ms for 128 candidates, 38 ms for
+    all), so top-p alone first tries `sure_nucleus`, which needs no sort; the rows it does not
+    settle sort 128 candidates, then 1024, then all (`sorted_pick`), each wider try only for the
+    rows whose nucleus the narrower one did not hold. `static` always sorts everything (no decision
+    on the host, for a captured CUDA graph)."""
     logits = logits.float()
     if temperature == 0:
         tokens = logits.argmax(-1)
@@ -329,25 +337,62 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None,
         w /= temperature
     w.exp_()                                   # unnormalised probabilities, the largest one 1
     limit = V if top_k is None else min(top_k, V)
-    nucleus = top_p is not None and top_p < 1.0
-    if limit == V and not nucleus:
+    nucleus = top_p if top_p is not None and top_p < 1.0 else None
+    if limit == V and nucleus is None:
         tokens, total = inverse_cdf(w, uniform)
-    else:  # candidates: the most likely tokens, sorted, and their running sums
+    elif static:
         total = w.sum(-1, keepdim=True, dtype=torch.float64)
-        cand_w, cand = w.topk(limit if static or not nucleus else min(limit, 128), -1)
-        cum = cand_w.cumsum(-1, dtype=torch.float64)
-        if cand.size(1) < limit and bool((cum[:, -1:] < top_p * total).any()):
-            cand_w, cand = w.topk(limit, -1)
-            cum = cand_w.cumsum(-1, dtype=torch.float64)
-        kept = cum[:, -1:]
-        if nucleus:  # keep a candidate while the ones before it have not reached top_p
-            before = F.pad(cum[:, :-1], (1, 0))
-            n_kept = (before < top_p * total).sum(-1, keepdim=True).clamp(min=1)
-            kept = cum.gather(1, n_kept - 1)
-        pick = torch.searchsorted(cum, uniform[:, :1] * kept, right=True)  # < n_kept: u * kept < kept
-        tokens = cand.gather(1, pick)
+        tokens, _ = sorted_pick(w, total, uniform, nucleus, limit, limit)
+    else:
+        total = w.sum(-1, keepdim=True, dtype=torch.float64)
+        if limit == V:  # top-p alone: the rows sure_nucleus settles need no sort
+            sure, settled = sure_nucleus(w, total, nucleus)  # (the other rows draw from all of w here, then again below)
+            tokens, _ = inverse_cdf(torch.where(sure | ~settled[:, None], w, 0.0), uniform)
+            rows = (~settled).nonzero().squeeze(1)
+        else:
+            tokens = torch.empty(B, 1, dtype=torch.long, device=w.device)
+            rows = torch.arange(B, device=w.device)
+        k = limit if nucleus is None else min(limit, 128)
+        while len(rows):  # sort k candidates of these rows; 8 k for those whose nucleus is wider
+            tokens[rows], wide = sorted_pick(w[rows], total[rows], uniform[rows], nucleus, limit, k)
+            rows, k = rows[wide], min(8 * k, limit)
     logp = (logits.gather(1, tokens) - top) / temperature - total.log().float()
     return tokens.squeeze(1), logp.squeeze(1)
+
+
+def sure_nucleus(w, total, top_p):
+    """The top-p nucleus of each row of unnormalised probabilities w (B, V) without sorting, where
+    one comparison finds it. Every token heavier than (1 - top_p) * total is in the nucleus (the
+    mass of the tokens heavier than it is below top_p * total); when those tokens reach top_p *
+    total between them, they are the whole nucleus, since it is the shortest prefix of the sorted
+    tokens that does. That is most rows of a fine-tuned model's distribution (a handful of
+    plausible tokens), few of a flat one. Returns (sure (B, V) bool, settled (B,) bool: rows whose
+    nucleus is `sure`)."""
+    bound = (1 - top_p) * total                      # float64
+    cut = bound.float()
+    cut = torch.where(cut.double() < bound, torch.nextafter(cut, torch.full_like(cut, math.inf)), cut)
+    sure = w > cut                                   # w > cut >= (1 - top_p) * total, exactly
+    mass = torch.where(sure, w, 0.0).sum(-1, keepdim=True, dtype=torch.float64)
+    return sure, ((mass >= top_p * total) & (mass > 0)).squeeze(1)
+
+
+def sorted_pick(w, total, uniform, top_p, limit, k):
+    """One draw per row from the `limit` most likely tokens of w (B, V) (then the top-p nucleus
+    among them when top_p is set), from its k most likely tokens, sorted, with their running sums.
+    Returns (tokens (B, 1), wide (B,) bool: rows whose nucleus may reach beyond those k, k <
+    limit: their token is not valid, sort more for them)."""
+    cand_w, cand = w.topk(k, -1)
+    cum = cand_w.cumsum(-1, dtype=torch.float64)
+    kept = cum[:, -1:]
+    if top_p is not None:  # keep a candidate while the ones before it have not reached top_p
+        before = F.pad(cum[:, :-1], (1, 0))
+        n_kept = (before < top_p * total).sum(-1, keepdim=True).clamp(min=1)
+        kept = cum.gather(1, n_kept - 1)
+    pick = torch.searchsorted(cum, uniform[:, :1] * kept, right=True)  # < n_kept: u * kept < kept
+    wide = torch.zeros_like(cum[:, 0], dtype=torch.bool)
+    if top_p is not None and k < limit:
+        wide = cum[:, -1] < top_p * total[:, 0]
+    return cand.gather(1, pick), wide
 
 
 def inverse_cdf(w, uniform, block=64):
@@ -628,15 +673,14 @@ def score_sequences(model, seqs, pad_id, starts=None):
     if mean and starts is None:
         raise ValueError("pool='mean' needs starts: where each completion begins")
     idx, lengths = pad_right(seqs, pad_id, next(model.parameters()).device)
-    first = max(0, int(min(starts)) - 1) if mean else 0   # loglik: logits from the completion on
-    values, _ = model(idx, logits_from=first)
-    values = values.float()
     if not mean:
-        return values[torch.arange(len(seqs), device=idx.device), lengths - 1]
+        values, _ = model(idx)
+        return values.float()[torch.arange(len(seqs), device=idx.device), lengths - 1]
     starts = torch.as_tensor(starts, device=idx.device)
     pos = torch.arange(idx.shape[1], device=idx.device)[None]
     on = (pos >= starts[:, None]) & (pos < lengths[:, None])
-    return (values * on).sum(1) / on.sum(1)
+    values, _ = model(idx, logits_at=on & (pos > 0))  # loglik: logits for the pooled tokens only
+    return (values.float() * on).sum(1) / on.sum(1)
 
 
 # ----------------------------------------------------------------------------- FLOPs and MFU

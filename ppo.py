@@ -296,14 +296,17 @@ def rollout(policy, ref, value_model, reward_model, enc, problems, task_ids, cfg
     t1 = time.perf_counter()
     seq, valid, mask, P = pack(prompts, gen.tokens, pad_id, device)
     out = {k: torch.zeros_like(mask) for k in ("logp", "ref_logp", "entropy", "values")}
+    n_prompt, n_response = valid[:, :P].sum(1), valid[:, P:].sum(1)
+    by_length = (n_prompt * (n_response.max() + 1) + n_response).argsort()  # chunks pad less (1.44x -> 1.26x the real tokens)
     for i in range(0, len(prompts), cfg.minibatch_size):
-        s, v, p, r = cut_padding(seq[i:i + cfg.minibatch_size], valid[i:i + cfg.minibatch_size], P)
+        rows = by_length[i:i + cfg.minibatch_size]
+        s, v, p, r = cut_padding(seq[rows], valid[rows], P)
         with ctx():
             logp, entropy = response_logprobs(policy, s, v, p, cfg.temperature, pad_id, entropy=True)
             ref_logp, _ = response_logprobs(ref, s, v, p, cfg.temperature, pad_id)
             values = response_values(value_model, s, v, p)
         for k, x in zip(("logp", "entropy", "ref_logp", "values"), (logp, entropy, ref_logp, values)):
-            out[k][i:i + cfg.minibatch_size, :r] = x
+            out[k][rows, :r] = x
     samples = [{"task_id": t, "completion": c} for t, c in zip(task_ids, gen.texts)]
     with ctx():
         scores = score_samples(reward_model, enc, problems, samples, cfg.minibatch_size)

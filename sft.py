@@ -65,13 +65,16 @@ def masked_lm_loss(logits, targets, mask):
     """Mean next-token cross-entropy over the positions where `mask` is True (InstructGPT §3.5 SFT,
     Codex-S §4: the loss covers the completion tokens only; prompt and padding are masked out).
 
-    logits (B, T, V), targets (B, T) ids (any value where masked, -1 included), mask (B, T) bool.
-    The mean is over all unmasked tokens of the batch. A batch with no unmasked token gives 0 (finite,
-    with a zero gradient), never NaN."""
+    logits (B, T, V), or (N, V) at just the N masked-in positions (model(x, logits_at=mask): what
+    training uses, since the unembedding is the costliest matmul here and a demonstration's
+    completion is about a quarter of its tokens); targets (B, T) ids (any value where masked, -1
+    included), mask (B, T) bool. The mean is over all unmasked tokens of the batch. A batch with no
+    unmasked token gives 0 (finite, with a zero gradient), never NaN."""
     mask = mask.bool()
-    ce = F.cross_entropy(logits.float().flatten(0, 1), targets.clamp(min=0).flatten(), reduction="none")
-    ce = torch.where(mask.flatten(), ce, torch.zeros_like(ce))
-    return ce.sum() / mask.sum().clamp(min=1)
+    if logits.dim() == 3:
+        logits = logits[mask]
+    ce = F.cross_entropy(logits.float(), targets[mask].clamp(min=0), reduction="sum")
+    return ce / mask.sum().clamp(min=1)
 
 
 # ----------------------------------------------------------------------------- data
@@ -130,7 +133,7 @@ def heldout_loss(model, batches, ctx):
     total, count = 0.0, 0
     for x, y, m in batches:
         with ctx():
-            logits, _ = model(x)
+            logits, _ = model(x, logits_at=m)
         n = int(m.sum())
         total += masked_lm_loss(logits, y, m).item() * n
         count += n
@@ -212,7 +215,7 @@ def train(cfg, out_dir):
             common.set_lr(optimizer, lr)
             x, y, m = (t.to(rt.device) for t in collate([train_ex[i] for i in order[s:s + cfg.batch_size]], pad_id))
             with rt.ctx():
-                logits, _ = model(x)
+                logits, _ = model(x, logits_at=m)  # (N, V): the completion tokens' positions only
                 loss = masked_lm_loss(logits, y, m)
                 if ptx_tokens is not None:  # PPO-ptx style: keep the pretraining distribution in view
                     px, py = common.get_batch(ptx_tokens, cfg.ptx_batch_size, block, gen, rt.device)

@@ -77,7 +77,10 @@ def test_draws_follow_the_target_distribution(V, temperature, top_k, top_p):
     logits[3] = float("-inf")  # banned
     n = 200_000 if V == 10 else 60_000
     counts = draw_counts(logits[None], n, 20_000, seed=1, temperature=temperature, top_k=top_k, top_p=top_p)
-    target = target_distribution(logits, temperature, top_k, top_p)
+    assert_follows(counts, target_distribution(logits, temperature, top_k, top_p), n)
+
+
+def assert_follows(counts, target, n):
     support = target > 0
     assert counts[~support].sum() == 0
     freq, p = counts[support].double() / n, target[support]
@@ -86,6 +89,32 @@ def test_draws_follow_the_target_distribution(V, temperature, top_k, top_p):
     df = int(support.sum()) - 1
     chi2 = float(((counts[support] - n * p) ** 2 / (n * p)).sum())
     assert chi2 < df + 5 * math.sqrt(2 * df), (chi2, df)
+
+
+def test_top_p_rows_of_every_kind_in_one_batch():
+    """top-p over a batch whose rows take different routes (model.sample_next): a peaked row that
+    sure_nucleus settles without sorting, one whose nucleus fits in 128 sorted candidates, one
+    wider than 1024 (all 2000 sorted); each row's draws follow its own target."""
+    V, n, top_p = 2000, 40_000, 0.9
+    g = torch.Generator().manual_seed(7)
+    peaked = torch.randn(V, generator=g) * 0.3
+    peaked[:3] += torch.tensor([14.0, 13.5, 12.0])        # three tokens hold nearly all the mass
+    narrow = torch.randn(V, generator=g) * 0.3
+    narrow[:40] += 8.0                                 # a nucleus of ~40 tokens
+    flat = torch.randn(V, generator=g) * 0.3           # a nucleus of ~1700 tokens
+    rows = torch.stack([peaked, narrow, flat])
+    targets = [target_distribution(r, 1.0, top_p=top_p) for r in rows]
+    sizes = [int((t > 0).sum()) for t in targets]
+    assert sizes[0] <= 3 and 1 < sizes[1] <= 128 and sizes[2] > 1024, sizes
+    settled = model.sure_nucleus(torch.softmax(rows, -1), torch.ones(3, 1, dtype=torch.float64), top_p)[1]
+    assert settled.tolist() == [True, False, False]
+    gen = torch.Generator().manual_seed(3)
+    counts = torch.zeros(3, V, dtype=torch.long)
+    for _ in range(n // 10_000):
+        tok, _ = sample_next(rows.repeat_interleave(10_000, 0), generator=gen, top_p=top_p)
+        counts += torch.stack([torch.bincount(t, minlength=V) for t in tok.view(3, -1)])
+    for r in range(3):
+        assert_follows(counts[r], targets[r], n)
 
 
 def test_inverse_cdf_never_picks_a_zero_weight():

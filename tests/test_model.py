@@ -144,6 +144,22 @@ def test_loglik_head_adds_the_language_models_log_likelihood(tmp_path):
     assert torch.allclose(rm(idx)[0][:, 1:], logp, atol=1e-5)
 
 
+def test_loglik_term_at_marked_positions_equals_the_whole_sequences():
+    """logits_at (score_sequences with pool="mean" marks the completion's tokens) gives the loglik
+    term of the marked positions as the whole-sequence computation does, and none elsewhere."""
+    rm = tiny_model(head="scalar", loglik=True)
+    idx = torch.randint(0, 97, (3, 9))
+    at = torch.zeros(3, 9, dtype=torch.bool)
+    at[0, 3:7], at[1, 1:], at[2, 8] = True, True, True
+    dense, _ = rm(idx)
+    sparse, _ = rm(idx, logits_at=at)
+    rm.config.loglik = False
+    plain, _ = rm(idx)
+    assert torch.allclose(sparse[at], dense[at], atol=1e-5)
+    assert torch.allclose(sparse[~at], plain[~at], atol=1e-6)
+    assert not torch.allclose(dense[at], plain[at], atol=1e-3)   # the term is there
+
+
 def test_load_checkpoint_rejects_garbage(tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_text("not a checkpoint")

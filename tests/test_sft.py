@@ -81,6 +81,28 @@ def test_sft_loss_of_a_row_does_not_depend_on_padding(enc):
     assert torch.allclose(losses[0], losses[1], atol=1e-6) and torch.allclose(losses[0], losses[2], atol=1e-6)
 
 
+def test_loss_from_the_masked_positions_logits_equals_the_full_logits(enc):
+    """What training does, model(x, logits_at=mask) (logits at the completion tokens only), gives
+    the loss and the gradients of unembedding every position."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=enc.n_vocab, block_size=64, n_layer=1, n_head=2, n_embd=32))
+    eot, pad = tok.special_ids(enc)
+    batch = [encode_example(enc, "def f(x):\n", "    return x\n", eot),
+             encode_example(enc, "def add(a, b):\n    \"\"\"Add.\"\"\"\n", "    return a + b\n", eot)]
+    x, y, m = collate(batch, pad)
+    results = []
+    for kw in ({}, {"logits_at": m}):
+        model.zero_grad()
+        logits, _ = model(x, **kw)
+        assert logits.shape == ((int(m.sum()), enc.n_vocab) if kw else (*x.shape, enc.n_vocab))
+        loss = masked_lm_loss(logits, y, m)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    (dense, g_dense), (sparse, g_sparse) = results
+    assert torch.allclose(dense, sparse, atol=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g_dense, g_sparse))
+
+
 def test_split_holdout_is_deterministic_and_disjoint():
     ids = [f"t/{i}" for i in range(20)]
     train, held = sft.split_holdout(ids, 5, seed=1)
