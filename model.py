@@ -348,12 +348,13 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None,
         if limit == V:  # top-p alone: the rows sure_nucleus settles need no sort
             sure, settled = sure_nucleus(w, total, nucleus)  # (the other rows draw from all of w here, then again below)
             tokens, _ = inverse_cdf(torch.where(sure | ~settled[:, None], w, 0.0), uniform)
-            rows = (~settled).nonzero().squeeze(1)
-        else:
-            tokens = torch.empty(B, 1, dtype=torch.long, device=w.device)
-            rows = torch.arange(B, device=w.device)
-        k = limit if nucleus is None else min(limit, 128)
-        while len(rows):  # sort k candidates of these rows; 8 k for those whose nucleus is wider
+            wide, k = ~settled, min(limit, 128)
+        else:  # top-k (a nucleus inside it with top-p): every row's first k candidates
+            k = limit if nucleus is None else min(limit, 128)
+            tokens, wide = sorted_pick(w, total, uniform, nucleus, limit, k)
+            k = min(8 * k, limit)
+        rows = wide.nonzero().squeeze(1)
+        while len(rows):  # sort k candidates of the rows still undecided; 8 k for those wider still
             tokens[rows], wide = sorted_pick(w[rows], total[rows], uniform[rows], nucleus, limit, k)
             rows, k = rows[wide], min(8 * k, limit)
     logp = (logits.gather(1, tokens) - top) / temperature - total.log().float()
