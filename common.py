@@ -16,6 +16,11 @@ import sys
 from contextlib import nullcontext
 from pathlib import Path
 
+try:
+    import fcntl
+except ImportError:  # not POSIX
+    fcntl = None
+
 ROOT = Path(__file__).resolve().parent
 
 
@@ -103,26 +108,44 @@ def _merge(dst, src):
             dst[k] = v
 
 
-def update_results(out_dir, update):
-    """Deep-merge `update` into out_dir/results.json (the run's summary, DESIGN.md), atomically."""
+def edit_results(out_dir, edit):
+    """Apply `edit` (a function that changes a dict in place) to out_dir/results.json (the run's
+    summary, DESIGN.md) and write it back atomically. run.sh runs some stages at the same time, so
+    each read-edit-write holds an exclusive lock on results.json.lock: no update is lost."""
     path = Path(out_dir) / "results.json"
-    results = json.loads(path.read_text()) if path.exists() else {}
-    _merge(results, update)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    os.replace(tmp, path)
+    with open(path.with_suffix(".json.lock"), "a") as lock:
+        if fcntl is not None:  # (POSIX; elsewhere stages run one at a time)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        results = json.loads(path.read_text()) if path.exists() else {}
+        edit(results)
+        tmp = path.with_suffix(f".json.tmp{os.getpid()}")
+        tmp.write_text(json.dumps(results, indent=2) + "\n")
+        os.replace(tmp, path)
     return results
+
+
+def update_results(out_dir, update):
+    """Deep-merge `update` into out_dir/results.json."""
+    return edit_results(out_dir, lambda results: _merge(results, update))
 
 
 def update_round(out_dir, r, update):
     """Deep-merge `update` into flywheel round r's entry of results.json's `rounds` (a list, one
     entry per round, sorted by round)."""
-    path = Path(out_dir) / "results.json"
-    rounds = json.loads(path.read_text()).get("rounds", []) if path.exists() else []
-    entries = {e["round"]: e for e in rounds}
-    _merge(entries.setdefault(r, {"round": r}), update)
-    return update_results(out_dir, {"rounds": [entries[k] for k in sorted(entries)]})
+    def edit(results):
+        entries = {e["round"]: e for e in results.get("rounds", [])}
+        _merge(entries.setdefault(r, {"round": r}), update)
+        results["rounds"] = [entries[k] for k in sorted(entries)]
+    return edit_results(out_dir, edit)
+
+
+def add_seconds(out_dir, key, seconds):
+    """results.json's seconds[key] += seconds (run.sh: each stage's wall time; resumed runs add up)."""
+    def edit(results):
+        spent = results.setdefault("seconds", {})
+        spent[key] = spent.get(key, 0) + seconds
+    return edit_results(out_dir, edit)
 
 
 def require(path, hint):

@@ -95,7 +95,8 @@ class KVCache:
         return self.k[layer][:, :, :start + T], self.v[layer][:, :, :start + T]
 
     def keep(self, rows):
-        """Drop finished rows (a LongTensor of rows to keep) so later steps cost less (a copy)."""
+        """Keep the rows a LongTensor lists, in its order (a copy): drops finished rows so later
+        steps cost less, or repeats a row (a prompt shared by several samples, prefilled once)."""
         self.k = [k[rows] for k in self.k]
         self.v = [v[rows] for v in self.v]
         self.valid, self.next_pos = self.valid[rows], self.next_pos[rows]
@@ -485,7 +486,8 @@ def generate(model, prompts, max_new_tokens, enc=None, temperature=1.0, top_k=No
 
     The loop keeps everything per row in tensors (sampled tokens, log-probs, stop state, when and
     why a row finished): no Python work per row and step. Eagerly, finished rows leave the batch
-    (and the KV cache) once a quarter of it has finished, so the rest run faster.
+    (and the KV cache) once a quarter of it has finished, so the rest run faster. A prompt that
+    several rows share (n samples per problem) is prefilled once and its KV cache copied to them.
 
     compile=True: the decode step (forward + sampling) runs under torch.compile(mode=
     "reduce-overhead"), gpt-fast style, on a static KV cache (KVCache(static=True), the whole
@@ -501,9 +503,16 @@ def generate(model, prompts, max_new_tokens, enc=None, temperature=1.0, top_k=No
         raise ValueError(f"prompt {P} + {N} new tokens > block_size {cfg.block_size}")
     if stop and enc is None:
         raise ValueError("stop strings need the tokenizer (enc)")
-    idx = torch.full((B, P), pad_id, dtype=torch.long)
-    valid = torch.zeros(B, P, dtype=torch.bool)
-    for b, p in enumerate(prompts):
+    # a prompt repeated (n samples per problem, K completions per prompt) is run through the model
+    # once: the prefill covers the distinct prompts, then their KV cache rows are copied out to every
+    # row that repeats them (row_of[b]: the distinct prompt of row b)
+    distinct = {}
+    row_of = [distinct.setdefault(tuple(p), len(distinct)) for p in prompts]
+    shared = use_cache and not compile and len(distinct) < B
+    firsts = [list(p) for p in distinct] if shared else prompts
+    idx = torch.full((len(firsts), P), pad_id, dtype=torch.long)
+    valid = torch.zeros(len(firsts), P, dtype=torch.bool)
+    for b, p in enumerate(firsts):
         idx[b, P - len(p):] = torch.tensor(p, dtype=torch.long)
         valid[b, P - len(p):] = True
     idx, valid = idx.to(device), valid.to(device)
@@ -519,7 +528,7 @@ def generate(model, prompts, max_new_tokens, enc=None, temperature=1.0, top_k=No
         if compile:
             cache, decode = _static_cache(model, B, dtype), _compiled_decode_step()
         else:
-            cache = KVCache(cfg, B, P + N, device, dtype)
+            cache = KVCache(cfg, len(firsts), P + N, device, dtype)
 
     # everything per original row b; `rows` lists the rows still in the batch, in batch order
     tokens = torch.zeros(B, N, dtype=torch.long, device=device)
@@ -532,6 +541,10 @@ def generate(model, prompts, max_new_tokens, enc=None, temperature=1.0, top_k=No
     check_every = 1 if device.type == "cpu" else 8
 
     logits, _ = model(idx, valid=valid if padded else None, cache=cache, logits_from=-1)
+    if shared:
+        row_of = torch.tensor(row_of, device=device)
+        cache.keep(row_of)  # (a copy per row, once)
+        logits = logits[row_of]
     tok, logp = _sample(logits[:, -1], ban, sample)
     for step in range(N):
         tokens[rows, step], logprobs[rows, step] = tok, logp

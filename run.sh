@@ -6,11 +6,13 @@
 #   bash run.sh tiny --rounds 2      # iterate comparisons -> reward model -> PPO once more (the flywheel)
 #   bash run.sh tiny --resume        # skip the stages that finished, continue an interrupted one
 #   bash run.sh small --smoke        # small's code paths and shapes, tiny step counts and data: a CPU, minutes
+#   bash run.sh tiny --jobs 1        # one stage at a time (default 2: stages that do not need each other's
+#                                    # outputs run side by side, see `lane` below)
 # Outputs go to out/<preset> (out/<preset>_smoke with --smoke), or to $FLYWHEEL_OUT when it is set.
 set -euo pipefail
 cd "$(dirname "$0")"
-usage() { echo "usage: bash run.sh [tiny|small] [--rounds N] [--resume] [--smoke]" >&2; exit 2; }
-PRESET=tiny ROUNDS=1 RESUME=0 SMOKE=
+usage() { echo "usage: bash run.sh [tiny|small] [--rounds N] [--resume] [--smoke] [--jobs 1|2]" >&2; exit 2; }
+PRESET=tiny ROUNDS=1 RESUME=0 SMOKE= JOBS=2
 while [ $# -gt 0 ]; do
   case $1 in
     tiny|small) PRESET=$1;;
@@ -18,6 +20,8 @@ while [ $# -gt 0 ]; do
     --rounds=*) ROUNDS=${1#--rounds=}; [[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || usage;;
     --resume) RESUME=1;;
     --smoke) SMOKE=1;;
+    --jobs) [[ ${2:-} =~ ^[12]$ ]] || usage; JOBS=$2; shift;;
+    --jobs=*) JOBS=${1#--jobs=}; [[ $JOBS =~ ^[12]$ ]] || usage;;
     *) usage;;
   esac
   shift
@@ -53,17 +57,47 @@ mkdir -p "$DONE"
 python -c "import common, sys; common.update_results(sys.argv[1], {'preset': sys.argv[2]})" "$OUT" "$PRESET"
 T0=$(date +%s)
 add_seconds() {  # add_seconds KEY SECONDS: seconds.KEY += SECONDS in results.json (resumed runs add up)
-  python - "$OUT" "$1" "$2" <<'PY'
-import json, sys, common
-from pathlib import Path
-out, key, dt = sys.argv[1], sys.argv[2], float(sys.argv[3])
-p = Path(out) / "results.json"
-seconds = json.loads(p.read_text()).get("seconds", {}) if p.exists() else {}
-common.update_results(out, {"seconds": {key: seconds.get(key, 0) + dt}})
-PY
+  python -c "import common, sys; common.add_seconds(sys.argv[1], sys.argv[2], float(sys.argv[3]))" "$OUT" "$1" "$2"
 }
 add_total() { add_seconds total "$(( $(date +%s) - T0 ))"; }  # seconds.total: this run's wall time
-trap add_total EXIT  # a run that fails or is interrupted counts too: its finished stages' seconds do
+
+# Lanes: stages that need none of each other's outputs run side by side (--jobs 2, the default). On
+# a small CPU one job leaves part of the machine idle (2 threads run a PPO step only ~1.5x faster than
+# 1, sampling ~1.8x; the sandbox waits on its subprocesses), and a tiny model leaves a GPU idle too.
+# A lane runs in the background with its output in logs/lane_<name>.log; `join_lanes` waits for
+# every lane and stops the run if one failed. Each stage still adds its own wall time to seconds.KEY,
+# so with lanes the stages' seconds add up to more than seconds.total.
+LANES=()
+lane() {  # lane NAME COMMAND...: COMMAND (stages) in the background; with --jobs 1, right now
+  local name=$1; shift
+  if [ "$JOBS" = 1 ]; then "$@"; return; fi
+  mkdir -p "$OUT/logs"
+  echo "=== lane $name: $* (in the background, output in $OUT/logs/lane_$name.log)"
+  set -m  # the lane gets its own process group, so stop_lanes can stop it and its children
+  "$@" > "$OUT/logs/lane_$name.log" 2>&1 &
+  set +m
+  LANES+=("$!:$name")
+}
+join_lanes() {
+  local lane ok=1
+  for lane in ${LANES[@]+"${LANES[@]}"}; do
+    if wait "${lane%%:*}"; then
+      echo "=== lane ${lane#*:}: done"
+      grep -E "^(=== |T=|  pick)" "$OUT/logs/lane_${lane#*:}.log" || true  # its stages and results
+    else
+      echo "error: lane ${lane#*:} failed, see $OUT/logs/lane_${lane#*:}.log:" >&2
+      tail -n 5 "$OUT/logs/lane_${lane#*:}.log" >&2
+      ok=0
+    fi
+  done
+  LANES=()
+  [ $ok = 1 ] || exit 1
+}
+stop_lanes() {  # (on exit) a lane still running is stopped with its stages
+  local lane
+  for lane in ${LANES[@]+"${LANES[@]}"}; do kill -TERM -- "-${lane%%:*}" 2>/dev/null || true; done
+}
+trap 'stop_lanes; add_total' EXIT  # a run that fails or is interrupted counts too: its finished stages' seconds do
 
 stage() {  # stage NAME KEY COMMAND...: run COMMAND unless stamped done; add its wall time to seconds.KEY
   local name=$1 key=$2; shift 2
@@ -96,18 +130,25 @@ PY
 # 2. the programming problems (HumanEval format) and the base model
 stage tasks evaluate python data/tasks.py $O $X_TASKS
 stage pretrain pretrain python pretrain.py $O $X_PRE $(resume_flag "$OUT/base.pt")
-stage eval_base evaluate python evaluate.py --preset "$PRESET" --ckpt "$OUT/base.pt" $EVAL --model_name base
+lane base stage eval_base evaluate python evaluate.py --preset "$PRESET" --ckpt "$OUT/base.pt" $EVAL --model_name base
 # 3. InstructGPT step 1: supervised fine-tuning on demonstrations
 stage sft sft python sft.py $O $X_SFT
 # 4. step 2: comparisons labelled by execution, reward model; then SFT's pass@k and best-of-n by RM score
 stage reward reward python reward.py $O $X_RM
-stage eval_sft evaluate python evaluate.py --preset "$PRESET" --ckpt "$OUT/sft.pt" $EVAL --model_name sft --rm "$OUT/rm.pt" \
-    --sweep=0.2,0.4,0.6,0.8,1.0   # + Codex Figure 5: SFT's pass@k at each temperature (evaluate.py sweep_n)
-# 5. step 3: PPO against the reward model, without and with pretraining-gradient mixing
-stage ppo ppo python ppo.py $O $X_PPO --ptx_coef=0 --run_name=ppo $(resume_flag "$OUT/ppo.pt")
-stage eval_ppo evaluate python evaluate.py --preset "$PRESET" --ckpt "$OUT/ppo.pt" $EVAL --model_name ppo
-stage ppo_ptx ppo python ppo.py $O $X_PPO --run_name=ppo_ptx $(resume_flag "$OUT/ppo_ptx.pt")
-stage eval_ppo_ptx evaluate python evaluate.py --preset "$PRESET" --ckpt "$OUT/ppo_ptx.pt" $EVAL --model_name ppo_ptx
+eval_sft() {
+  stage eval_sft evaluate python evaluate.py --preset "$PRESET" --ckpt "$OUT/sft.pt" $EVAL --model_name sft \
+      --rm "$OUT/rm.pt" --sweep=0.2,0.4,0.6,0.8,1.0  # + Codex Figure 5: SFT's pass@k at each temperature
+}
+# 5. step 3: PPO against the reward model, without and with pretraining-gradient mixing (side by side)
+ppo_run() {  # ppo_run NAME [ARGS...]: PPO from sft.pt against rm.pt, then its evaluation
+  local name=$1; shift
+  stage $name ppo python ppo.py $O $X_PPO "$@" --run_name=$name $(resume_flag "$OUT/$name.pt")
+  stage eval_$name evaluate python evaluate.py --preset "$PRESET" --ckpt "$OUT/$name.pt" $EVAL --model_name $name
+}
+sft_then_ppo() { eval_sft; ppo_run ppo --ptx_coef=0; }
+lane ppo sft_then_ppo
+ppo_run ppo_ptx
+join_lanes
 python -c "import common, sys, json; m = json.load(open(sys.argv[1] + '/results.json'))['models']['ppo']; \
 common.update_round(sys.argv[1], 1, {'policy': m})" "$OUT"
 

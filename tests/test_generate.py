@@ -266,3 +266,23 @@ def test_compiled_generate_equals_naive():
     m = tiny_model()
     assert_same(generate(m, PROMPTS, 12, compile=True, **GREEDY), generate(m, PROMPTS, 12, use_cache=False, **GREEDY))
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_repeated_prompts_prefilled_once_equal_naive(temperature):
+    """Rows that repeat a prompt share one prefill (its KV cache copied to each of them): the same
+    tokens, log-probs and ends as the naive sampler, which runs every row through the model."""
+    m = tiny_model()
+    prompts = [PROMPTS[i] for i in (2, 0, 2, 1, 0, 2, 3, 2)]
+    kw = GREEDY if temperature == 0 else dict(temperature=temperature, **SAMPLED)
+    calls = []
+    hook = m.register_forward_pre_hook(lambda mod, args, kwargs: calls.append(args[0].shape), with_kwargs=True)
+    runs = [generate(m, prompts, 25, use_cache=use_cache, generator=torch.Generator().manual_seed(3), **kw)
+            for use_cache in (True, False)]
+    hook.remove()
+    assert_same(*runs)
+    assert calls[0][0] == 4  # the prefill ran the 4 distinct prompts, not 8 rows
+    if temperature == 0:  # greedy: a repeated prompt gives the same completion every time
+        assert runs[0].tokens[0] == runs[0].tokens[2] == runs[0].tokens[5] == runs[0].tokens[7]
+    else:
+        assert len({tuple(runs[0].tokens[i]) for i in (0, 2, 5, 7)}) > 1

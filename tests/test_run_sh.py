@@ -13,6 +13,7 @@ to fail, then a `--resume` after deleting the `eval_ppo` stamp that must rerun e
 the failed eval_ppo_r2."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -41,8 +42,9 @@ def skipped(stdout):
 
 FAKE_PYTHON = r'''#!@REAL@ -S
 """A stand-in for `python` in run.sh: the real interpreter for -c / - / -m, otherwise a record of the
-stage's command line (to $FAKE_LOG) and the files the next stages read."""
-import json, os, sys
+stage's command line (to $FAKE_LOG, when it starts and again when it ends) and the files the next
+stages read. $FAKE_SLEEP: seconds each ppo.py takes."""
+import json, os, sys, time
 REAL = '@REAL@'
 argv = sys.argv[1:]
 if not argv or argv[0].startswith("-"):
@@ -59,8 +61,11 @@ def opt(name):
         if a.startswith("--" + name + "="):
             return a.split("=", 1)[1]
 
-with open(os.environ["FAKE_LOG"], "a") as f:
-    f.write(json.dumps([script] + args) + "\n")
+def record(cmd):
+    with open(os.environ["FAKE_LOG"], "a") as f:
+        f.write(json.dumps(cmd) + "\n")
+
+record([script] + args)
 if os.environ.get("FAKE_FAIL") and os.environ["FAKE_FAIL"] in " ".join(argv):
     sys.exit("fake crash: " + os.environ["FAKE_FAIL"])
 out = opt("out_dir")
@@ -80,12 +85,13 @@ elif script == "reward.py":
     touch("rm.pt" if r == 1 else f"rm_r{r}.pt")
     touch("comparisons.jsonl" if r == 1 else f"comparisons_r{r}.jsonl")
 elif script == "ppo.py":
+    time.sleep(float(os.environ.get("FAKE_SLEEP") or 0))
     touch(opt("run_name") + ".pt")
-elif script == "evaluate.py" and opt("model_name"):
-    p = os.path.join(out, "results.json")
-    res = json.load(open(p))
-    res.setdefault("models", {}).setdefault(opt("model_name"), {})["pass@1"] = 0.25
-    json.dump(res, open(p, "w"))
+elif script == "evaluate.py" and opt("model_name"):  # (as the real one: under results.json's lock)
+    sys.path.insert(0, os.getcwd())
+    import common
+    common.update_results(out, {"models": {opt("model_name"): {"pass@1": 0.25}}})
+record(["end", script] + args)
 '''
 
 
@@ -99,10 +105,10 @@ def fake_run(tmp_path):
     fake.chmod(0o755)
     out, log = tmp_path / "out", tmp_path / "log.jsonl"
 
-    def run(*args, fail=None):
+    def run(*args, fail=None, sleep=0):
         log.write_text("")
         env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "FLYWHEEL_OUT": str(out),
-               "FAKE_LOG": str(log), "FAKE_FAIL": fail or ""}
+               "FAKE_LOG": str(log), "FAKE_FAIL": fail or "", "FAKE_SLEEP": str(sleep)}
         p = subprocess.run(["bash", "run.sh", *args], cwd=ROOT, env=env, capture_output=True, text=True,
                            timeout=300)
         return p.returncode, p.stdout + p.stderr, [json.loads(line) for line in log.read_text().splitlines()]
@@ -110,32 +116,70 @@ def fake_run(tmp_path):
     return run
 
 
+def stage_name(cmd):
+    """The stage (as run.sh's stamps) of a recorded command line, None for the evidence and table."""
+    script, args = cmd[0], cmd[1:]
+    opt = {a.split("=", 1)[0]: a.split("=", 1)[1] for a in args if "=" in a}
+    rnd = int(opt.get("--round", 1))
+    if script == "data/code.py":
+        return "tokenize" if "--tokenize" in args else "corpus"
+    if script == "evaluate.py":
+        return "eval_" + args[args.index("--model_name") + 1] if "--model_name" in args else None
+    if script == "ppo.py":
+        return opt["--run_name"]
+    if script == "reward.py":
+        return "reward" if rnd == 1 else f"reward_r{rnd}"
+    return Path(script).stem
+
+
 def by_stage(cmds):
-    """{stage name: command line} of recorded commands (stage names as run.sh's stamps)."""
+    """{stage name: command line} of recorded commands, in the order they started."""
     names = {}
     for cmd in cmds:
-        script, args = cmd[0], cmd[1:]
-        opt = {a.split("=", 1)[0]: a.split("=", 1)[1] for a in args if "=" in a}
-        rnd = int(opt.get("--round", 1))
-        if script == "data/code.py":
-            name = "tokenize" if "--tokenize" in args else "corpus"
-        elif script == "evaluate.py":
-            if "--table" in args or "--compare" in args:  # the evidence and the table: not stages
-                continue
-            name = "eval_" + args[args.index("--model_name") + 1]
-        elif script == "ppo.py":
-            name = opt["--run_name"]
-        elif script == "reward.py":
-            name = "reward" if rnd == 1 else f"reward_r{rnd}"
-        else:
-            name = Path(script).stem
-        assert name not in names, f"{name} ran twice"
-        names[name] = args
+        name = None if cmd[0] == "end" else stage_name(cmd)
+        if name is not None:
+            assert name not in names, f"{name} ran twice"
+            names[name] = cmd[1:]
     return names
 
 
+# the stages each stage reads from: it may start only once they have ended (lanes run the others side
+# by side); round r >= 2 starts after every stage of round r - 1
+NEEDS = {"tokenizer": ["corpus"], "tokenize": ["tokenizer"], "pretrain": ["tokenize"],
+         "eval_base": ["pretrain", "tasks"], "sft": ["pretrain", "tasks"], "reward": ["sft"],
+         "eval_sft": ["reward"], "ppo": ["reward"], "eval_ppo": ["ppo"], "ppo_ptx": ["reward"],
+         "eval_ppo_ptx": ["ppo_ptx"]}
+
+
+def round_of(name):
+    m = re.search(r"_r(\d+)$", name)
+    return int(m.group(1)) if m else 1
+
+
+def check_order(cmds):
+    """Each stage started after every stage it needs had ended."""
+    start, end = {}, {}
+    for i, cmd in enumerate(cmds):
+        if cmd[0] == "end":
+            end[stage_name(cmd[1:])] = i
+        else:
+            start[stage_name(cmd)] = i
+    for name, i in start.items():
+        if name is None:
+            continue
+        r = round_of(name)
+        if r == 1:
+            needs = NEEDS.get(name, [])
+        else:
+            needs = {"reward": [n for n in start if n and round_of(n) == r - 1],
+                     "ppo": [f"reward_r{r}"], "eval_ppo": [f"ppo_r{r}"]}[name.rsplit("_r", 1)[0]]
+        for need in needs:
+            if need in start:
+                assert end[need] < i, f"{name} started before {need} ended"
+
+
 def test_usage_errors():
-    for args in (["--rounds", "0"], ["--rounds"], ["--rounds=x"], ["huge"], ["--resum"]):
+    for args in (["--rounds", "0"], ["--rounds"], ["--rounds=x"], ["huge"], ["--resum"], ["--jobs", "3"]):
         p = subprocess.run(["bash", "run.sh", *args], cwd=ROOT, capture_output=True, text=True, timeout=60)
         assert p.returncode == 2 and "usage" in p.stderr, args
 
@@ -145,7 +189,8 @@ def test_rounds_arguments_stamps_and_results(fake_run):
     assert rc == 0, output[-3000:]
     out = fake_run.out
     stages = by_stage(cmds)
-    assert list(stages) == ROUND1 + round_stages(2) + round_stages(3)
+    assert sorted(stages) == sorted(ROUND1 + round_stages(2) + round_stages(3))
+    check_order(cmds)
     assert not any("--resume" in args for args in stages.values())
     assert sorted(p.name for p in (out / "done").iterdir()) == sorted(stages)
     # round 2 samples from round 1's PPO policy and keeps round 1's comparisons; round 3 from round 2's
@@ -170,7 +215,7 @@ def test_resume_skips_finished_stages_and_reruns_a_crashed_one(fake_run):
     # a crash in round 2's PPO: the stages before it are stamped, it and the later ones are not
     rc, output, cmds = fake_run("tiny", "--rounds", "2", fail="--run_name=ppo_r2")
     assert rc != 0 and "fake crash" in output
-    assert list(by_stage(cmds)) == ROUND1 + ["reward_r2", "ppo_r2"]
+    assert sorted(by_stage(cmds)) == sorted(ROUND1 + ["reward_r2", "ppo_r2"])
     assert sorted(p.name for p in (out / "done").iterdir()) == sorted(ROUND1 + ["reward_r2"])
     assert "total" in json.loads((out / "results.json").read_text())["seconds"]  # a crashed run's time counts
     (out / "ppo_r2.pt").touch()  # the checkpoint the crashed run left
@@ -179,7 +224,7 @@ def test_resume_skips_finished_stages_and_reruns_a_crashed_one(fake_run):
     assert rc == 0, output[-3000:]
     stages = by_stage(cmds)
     assert list(stages) == ["ppo_r2", "eval_ppo_r2"] and "--resume" in stages["ppo_r2"]
-    assert skipped(output) == ROUND1 + ["reward_r2"]
+    assert sorted(skipped(output)) == sorted(ROUND1 + ["reward_r2"])
     assert [e["round"] for e in json.loads((out / "results.json").read_text())["rounds"]] == [1, 2]
     # a deleted stamp: that stage reruns (pretrain with --resume: base.pt is there), the stamped ones do not
     for name in ("pretrain", "eval_ppo"):
@@ -187,7 +232,7 @@ def test_resume_skips_finished_stages_and_reruns_a_crashed_one(fake_run):
     rc, output, cmds = fake_run("tiny", "--rounds", "2", "--resume")
     assert rc == 0, output[-3000:]
     stages = by_stage(cmds)
-    assert list(stages) == ["pretrain", "eval_ppo"] and "--resume" in stages["pretrain"]
+    assert sorted(stages) == ["eval_ppo", "pretrain"] and "--resume" in stages["pretrain"]
     # all done: a --resume runs nothing; --rounds 3 then runs round 3 alone
     rc, output, cmds = fake_run("tiny", "--rounds", "2", "--resume")
     assert rc == 0 and by_stage(cmds) == {}
@@ -197,8 +242,36 @@ def test_resume_skips_finished_stages_and_reruns_a_crashed_one(fake_run):
     rc, output, cmds = fake_run("tiny", "--rounds", "2")
     assert rc == 0 and skipped(output) == []
     stages = by_stage(cmds)
-    assert list(stages) == ROUND1 + round_stages(2) and not any("--resume" in a for a in stages.values())
+    assert sorted(stages) == sorted(ROUND1 + round_stages(2)) and not any("--resume" in a for a in stages.values())
+    check_order(cmds)
     assert [e["round"] for e in json.loads((out / "results.json").read_text())["rounds"]] == [1, 2]
+
+
+def test_lanes_run_side_by_side_and_jobs_1_runs_one_stage_at_a_time(fake_run):
+    """PPO and PPO-ptx (1 s each here) overlap in time by default; with --jobs 1 the stages run in
+    the script's order, each after the previous one ended."""
+    rc, output, cmds = fake_run("tiny", sleep=1)
+    assert rc == 0, output[-3000:]
+    check_order(cmds)
+    events = [("end" if c[0] == "end" else "start", stage_name(c[1:] if c[0] == "end" else c)) for c in cmds]
+    assert events.index(("start", "ppo_ptx")) < events.index(("end", "ppo"))
+    assert events.index(("start", "ppo")) < events.index(("end", "ppo_ptx"))
+    assert "lane ppo: done" in output and "=== [ppo] python ppo.py" in output  # the lane's stages, reported
+    rc, output, cmds = fake_run("tiny", "--jobs", "1", sleep=0.2)
+    assert rc == 0, output[-3000:]
+    assert list(by_stage(cmds)) == ROUND1 and "=== lane" not in output
+    assert all(cmds[i + 1] == ["end"] + cmd for i, cmd in enumerate(cmds) if cmd[0] != "end")  # one at a time
+
+
+def test_a_failed_lane_stops_the_run_and_resume_reruns_it(fake_run):
+    out = fake_run.out
+    rc, output, cmds = fake_run("tiny", fail="--model_name base")
+    assert rc != 0 and "lane base failed" in output and "fake crash" in output
+    done = sorted(p.name for p in (out / "done").iterdir())
+    assert "eval_base" not in done and {"reward", "ppo_ptx", "eval_ppo_ptx", "eval_ppo"} <= set(done)
+    assert not (out / "done" / "compare").exists()
+    rc, output, cmds = fake_run("tiny", "--resume")
+    assert rc == 0 and list(by_stage(cmds)) == ["eval_base"]
 
 
 # ----------------------------------------------------------------------------- the real chain, slow

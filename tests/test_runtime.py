@@ -220,3 +220,16 @@ def test_ppo_refuses_top_p_below_one(tmp_path, capsys):
         ppo.main(["--out_dir", str(tmp_path), "--top_p=0.95"])
     err = capsys.readouterr().err
     assert "--top_p=0.95" in err and "off-policy" in err and len(err.strip().splitlines()) == 1
+
+
+def test_results_json_updates_from_stages_at_the_same_time_all_land(tmp_path):
+    """run.sh's lanes run stages side by side, each merging its figures into results.json: with the
+    lock, no read-merge-write overwrites another's (4 processes x 25 keys + a shared counter)."""
+    code = ("import common, sys\n"
+            "for i in range(25):\n"
+            "    common.update_results(sys.argv[1], {'models': {f'{sys.argv[2]}_{i}': {'pass@1': i}}})\n"
+            "    common.add_seconds(sys.argv[1], 'evaluate', 1)\n")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path), f"m{j}"], cwd=ROOT) for j in range(4)]
+    assert all(p.wait(timeout=120) == 0 for p in procs)
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert len(results["models"]) == 100 and results["seconds"]["evaluate"] == 100
