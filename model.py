@@ -271,7 +271,8 @@ class GPT(nn.Module):
         if self.config.head == "scalar":
             values = self.score_head(x).squeeze(-1)
             if self.config.loglik:
-                assert cache is None and logits_from >= 0, "loglik needs the whole sequence"
+                # with a cache, the term is read within this chunk only: logits_at, never its column 0
+                assert (cache is None or logits_at is not None) and logits_from >= 0, "loglik needs the whole sequence"
                 if logits_at is None:
                     logits = self.unembed_fp32(x[:, logits_from:-1])
                     logp = F.log_softmax(logits, -1).gather(2, idx[:, logits_from + 1:, None]).squeeze(2)
@@ -682,11 +683,18 @@ def score_sequences(model, seqs, pad_id, starts=None):
     - "last": the output at the last token (InstructGPT §3.5);
     - "mean": the mean of the outputs over the completion and the end of text, positions
       starts[i] .. len(seqs[i]) - 1 (starts[i] = the number of prompt tokens).
-    Differentiable; wrap in no_grad to score."""
+    Rows that share a prompt (reward.py's K completions of one prompt, n samples of a problem) run
+    that prompt through the model once (`_score_shared_prompts`). Differentiable; wrap in no_grad
+    to score."""
     mean = model.config.pool == "mean"
     if mean and starts is None:
         raise ValueError("pool='mean' needs starts: where each completion begins")
-    idx, lengths = pad_right(seqs, pad_id, next(model.parameters()).device)
+    device = next(model.parameters()).device
+    if mean and min(starts) >= 2 and len({tuple(s[:st]) for s, st in zip(seqs, starts)}) < len(seqs):
+        out = _score_shared_prompts(model, seqs, pad_id, starts, device)
+        if out is not None:
+            return out
+    idx, lengths = pad_right(seqs, pad_id, device)
     if not mean:
         values, _ = model(idx)
         return values.float()[torch.arange(len(seqs), device=idx.device), lengths - 1]
@@ -694,6 +702,39 @@ def score_sequences(model, seqs, pad_id, starts=None):
     pos = torch.arange(idx.shape[1], device=idx.device)[None]
     on = (pos >= starts[:, None]) & (pos < lengths[:, None])
     values, _ = model(idx, logits_at=on & (pos > 0))  # loglik: logits for the pooled tokens only
+    return (values.float() * on).sum(1) / on.sum(1)
+
+
+def _score_shared_prompts(model, seqs, pad_id, starts, device):
+    """score_sequences' mean pool with each distinct prompt computed once: the prompt without its
+    last token goes through the model into a KV cache (left-padded, one row per distinct prompt),
+    the cache rows are copied out to the rows that share them, then each row's rest (the prompt's
+    last token, the completion, the end of text; right-padded) attends to it. The same outputs as
+    the whole sequences (up to floating-point order), gradients included: a prompt shared by K
+    completions costs one prompt instead of K. None if the layout would not fit the context."""
+    heads = [tuple(s[:st - 1]) for s, st in zip(seqs, starts)]
+    distinct = {}
+    row_of = torch.tensor([distinct.setdefault(h, len(distinct)) for h in heads], device=device)
+    rests = [s[st - 1:] for s, st in zip(seqs, starts)]
+    P, T = max(map(len, distinct)), max(map(len, rests))
+    if P + T > model.config.block_size:
+        return None
+    idx = torch.full((len(distinct), P), pad_id, dtype=torch.long)
+    valid = torch.zeros(len(distinct), P, dtype=torch.bool)
+    for b, h in enumerate(distinct):
+        idx[b, P - len(h):] = torch.tensor(h, dtype=torch.long)
+        valid[b, P - len(h):] = True
+    on = torch.is_autocast_enabled(device.type)  # under autocast, keys and values come out in its dtype
+    dtype = torch.get_autocast_dtype(device.type) if on else next(model.parameters()).dtype
+    cache = KVCache(model.config, len(distinct), P + T, device, dtype)
+    idx, valid = idx.to(device), valid.to(device)
+    model(idx, valid=None if bool(valid.all()) else valid, cache=cache, logits_at=torch.zeros_like(valid))
+    cache.keep(row_of)
+    idx, lengths = pad_right(rests, pad_id, device)
+    pos = torch.arange(T, device=device)[None]
+    real = pos < lengths[:, None]
+    on = real & (pos > 0)  # pooled: everything after the prompt's last token
+    values, _ = model(idx, valid=real, cache=cache, logits_at=on)
     return (values.float() * on).sum(1) / on.sum(1)
 
 

@@ -69,7 +69,7 @@ class Config:
     ref: str = ""                 # default out_dir/sft.pt
     rm: str = ""                  # default out_dir/rm.pt
     # rollouts
-    iterations: int = 25          # rollout + update rounds
+    iterations: int = 20          # rollout + update rounds (tiny: 25 until the run.sh time bound; README)
     batch_size: int = 128         # prompts (= completions) per rollout
     max_new_tokens: int = 64
     temperature: float = 0.8      # sampling temperature (evaluate.py samples at 0.8); log-probs at the same one
@@ -329,7 +329,22 @@ def sync(device):
 
 # ----------------------------------------------------------------------------- the update
 
-def minibatch_loss(policy, value_model, batch, rows, ptx, cfg, pad_id):
+def forward_in_parts(policy, value_model, seq, valid, P, temperature, pad_id, parts=2):
+    """response_logprobs and response_values of a minibatch (B, P + R), computed over `parts`
+    groups of rows of similar length, each cut to its own padding: the same outputs (and gradients)
+    as one pass over the whole minibatch, through fewer padded tokens (a random minibatch of 32
+    rollouts is ~1.5x its real tokens, two length-sorted halves ~1.3x)."""
+    B, R = seq.shape[0], seq.shape[1] - P
+    logp, values = seq.new_zeros(B, R, dtype=torch.float), seq.new_zeros(B, R, dtype=torch.float)
+    n_prompt, n_response = valid[:, :P].sum(1), valid[:, P:].sum(1)
+    for rows in (n_response * (P + 1) + n_prompt).argsort().chunk(parts):
+        s, v, p, r = cut_padding(seq[rows], valid[rows], P)
+        logp[rows, :r] = response_logprobs(policy, s, v, p, temperature, pad_id)[0]
+        values[rows, :r] = response_values(value_model, s, v, p)
+    return logp, values
+
+
+def minibatch_loss(policy, value_model, batch, rows, ptx, cfg, pad_id, parts=2):
     """The loss of one PPO-ptx minibatch (InstructGPT Eq. 2 as a loss to minimise):
 
         policy_loss + vf_coef * value_loss + ptx_coef * LM loss on a pretraining batch ptx = (x, y)
@@ -341,8 +356,7 @@ def minibatch_loss(policy, value_model, batch, rows, ptx, cfg, pad_id):
     seq, valid, P, R = cut_padding(batch["seq"][rows], batch["valid"][rows], batch["P"])
     mask, old_logp, old_values, advantages, returns = (
         batch[k][rows, :R] for k in ("mask", "logp", "values", "advantages", "returns"))
-    logp, _ = response_logprobs(policy, seq, valid, P, cfg.temperature, pad_id)
-    values = response_values(value_model, seq, valid, P)
+    logp, values = forward_in_parts(policy, value_model, seq, valid, P, cfg.temperature, pad_id, parts)
     pg_loss, clipfrac, approx_kl = policy_loss(logp, old_logp, advantages, mask, cfg.clip)
     vf_loss, vf_clipfrac = value_loss(values, old_values, returns, mask, cfg.clip_value)
     loss = pg_loss + cfg.vf_coef * vf_loss

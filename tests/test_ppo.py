@@ -344,3 +344,33 @@ def test_kl_sweep_writes_one_row_per_beta(out_dir, tmp_path):
         assert math.isfinite(r["kl"]) and math.isfinite(r["rm_score"])
     results = sweep / "results.json"  # the sweep's runs stay out of the chain's results table
     assert not results.exists() or not any("kl_sweep" in m for m in json.loads(results.read_text()).get("models", {}))
+
+
+def test_minibatch_in_length_sorted_parts_equals_one_pass(out_dir):
+    """minibatch_loss runs the policy and value model over two length-sorted halves of the
+    minibatch (less padding): the loss, its stats and both models' gradients equal one pass."""
+    policy, ref, value_model, reward_model, ckpt = ppo.load_models(*ppo.model_paths(ppo.Config(), out_dir), "cpu")
+    enc = tokenizer.from_state(ckpt["tokenizer"])
+    _, pad_id = tokenizer.special_ids(enc)
+    problems = {p["task_id"]: p for p in PROBLEMS}
+    cfg = small_config(max_new_tokens=24)
+    batch = ppo.rollout(policy, ref, value_model, reward_model, enc, problems, list(problems) * 2, cfg,
+                        torch.Generator().manual_seed(2))
+    assert len(set(batch["mask"].sum(1).tolist())) > 2  # responses of several lengths
+    batch["advantages"] = ppo.whiten(torch.randn_like(batch["mask"]), batch["mask"])
+    batch["returns"] = torch.randn_like(batch["mask"]) * batch["mask"]
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    rows = torch.tensor([5, 0, 7, 2, 3, 6])
+    out = []
+    for parts in (1, 2, 3):
+        loss, stats = ppo.minibatch_loss(policy, value_model, batch, rows, None, cfg, pad_id, parts=parts)
+        loss.backward()
+        grads = [p.grad.clone() for m in (policy, value_model) for p in m.parameters() if p.grad is not None]
+        policy.zero_grad(set_to_none=True), value_model.zero_grad(set_to_none=True)
+        out.append((loss, stats, grads))
+    for loss, stats, grads in out[1:]:
+        assert torch.allclose(loss, out[0][0], atol=1e-6)
+        assert all(torch.allclose(stats[k], out[0][1][k], atol=1e-6) for k in stats)
+        assert len(grads) == len(out[0][2]) and all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads, out[0][2]))

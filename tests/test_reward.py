@@ -81,11 +81,37 @@ def test_batch_loss_one_forward_row_per_completion(enc, monkeypatch, pool):
     forward = rm.forward
     monkeypatch.setattr(rm, "forward", lambda idx, *a, **kw: (rows.append(idx.shape[0]), forward(idx, *a, **kw))[1])
     loss, per_prompt = batch_loss(rm, groups, pad)
-    assert rows == [7]
+    # (pool="mean" runs each distinct prompt once first, then the 7 completions against it)
+    assert rows == ([7] if pool == "last" else [2, 7])
     monkeypatch.setattr(rm, "forward", forward)
     expected = torch.stack([rm_loss(reward.score(rm, seqs, pad), s) for seqs, s in groups]).mean()
     assert torch.allclose(loss, expected, atol=1e-6)
     assert [len(r) for r in per_prompt] == [4, 3]
+
+
+@pytest.mark.parametrize("loglik", [False, True])
+def test_shared_prompts_run_once_give_the_whole_sequences_scores_and_gradients(enc, loglik, monkeypatch):
+    """score_sequences (pool="mean") runs a prompt that several completions share through the model
+    once and copies its KV cache to them: the same scores and gradients as scoring each whole
+    sequence alone, with prompts of different lengths (left-padded) and completions of different
+    lengths (right-padded)."""
+    rm = scalar_model(enc, pool="mean", loglik=loglik)
+    eot, pad = tok.special_ids(enc)
+    f, add = "def f(x):\n", "def add(a, b):\n    \"\"\"Add.\"\"\"\n"
+    seqs = [reward.rm_sequence(enc, p, c, 64, eot) for p, c in (
+        (f, "    return x\n"), (add, "    return a + b\n"), (f, "    return -x + 1\n"), (f, "    pass\n"),
+        (add, "    return b\n"))]
+    rows = []
+    forward = rm.forward
+    monkeypatch.setattr(rm, "forward", lambda idx, *a, **kw: (rows.append(idx.shape[0]), forward(idx, *a, **kw))[1])
+    shared = score_sequences(rm, [t for t, _ in seqs], pad, [s for _, s in seqs])
+    assert rows == [2, 5]  # the 2 distinct prompts, then the 5 completions
+    g_shared = torch.autograd.grad((shared * torch.arange(1.0, 6.0)).sum(), list(rm.parameters()), allow_unused=True)
+    alone = torch.cat([score_sequences(rm, [t], pad, [s]) for t, s in seqs])  # one row each: nothing shared
+    g_alone = torch.autograd.grad((alone * torch.arange(1.0, 6.0)).sum(), list(rm.parameters()), allow_unused=True)
+    assert torch.allclose(shared, alone, atol=1e-5)
+    for a, b in zip(g_shared, g_alone):
+        assert (a is None) == (b is None) and (a is None or torch.allclose(a, b, atol=1e-5))
 
 
 def test_pairwise_accuracy_skips_ties():

@@ -300,7 +300,7 @@ def test_tiny_smoke_two_rounds_resumed_and_a_crashed_stage_rerun(tmp_path):
         (out / "done" / name).touch()
     p = run_sh(out, "--resume")
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
-    assert skipped(p.stdout) == skip
+    assert sorted(skipped(p.stdout)) == sorted(skip)
     results = json.loads((out / "results.json").read_text())
     assert [e["round"] for e in results["rounds"]] == [1] and "pass@1" in results["rounds"][0]["policy"]
     ckpts = ["base.pt", "sft.pt", "rm.pt", "ppo.pt", "comparisons.jsonl"]
@@ -312,7 +312,7 @@ def test_tiny_smoke_two_rounds_resumed_and_a_crashed_stage_rerun(tmp_path):
     test_file.rename(test_file.with_suffix(".hidden"))
     p = run_sh(out, "--rounds", "2", "--resume")
     assert p.returncode != 0 and "test.jsonl not found" in p.stdout + p.stderr
-    assert skipped(p.stdout) == ROUND1
+    assert sorted(skipped(p.stdout)) == sorted(ROUND1)
     assert [line.split("] ")[1].split()[1] for line in ran(p.stdout)] == ["reward.py", "ppo.py", "evaluate.py"]
     assert (out / "done" / "ppo_r2").exists() and not (out / "done" / "eval_ppo_r2").exists()
     assert {f: (out / f).stat().st_mtime_ns for f in ckpts} == mtimes
@@ -329,7 +329,7 @@ def test_tiny_smoke_two_rounds_resumed_and_a_crashed_stage_rerun(tmp_path):
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
     assert all(" evaluate.py " in line for line in ran(p.stdout))
     assert [line.rsplit("--model_name ", 1)[1] for line in ran(p.stdout)] == ["ppo", "ppo_r2"]
-    assert skipped(p.stdout) == [s for s in ROUND1 if s != "eval_ppo"] + ["reward_r2", "ppo_r2"]
+    assert sorted(skipped(p.stdout)) == sorted([s for s in ROUND1 if s != "eval_ppo"] + ["reward_r2", "ppo_r2"])
     assert {f: (out / f).stat().st_mtime_ns for f in ckpts} == mtimes
     assert (out / "ppo_r2.pt").stat().st_mtime_ns == ppo_r2
     assert sorted(p.name for p in (out / "done").iterdir()) == sorted(ROUND1 + round_stages(2))
@@ -343,7 +343,8 @@ def test_tiny_smoke_two_rounds_resumed_and_a_crashed_stage_rerun(tmp_path):
     assert rounds[1]["n_comparisons"] > rounds[0]["n_comparisons"]  # round 2's RM: both rounds' comparisons
     assert {"rm_accuracy_before", "rm_accuracy_after", "n_fresh_val_comparisons"} <= set(rounds[1])
     assert rounds[1]["policy"] == {k: v for k, v in results["models"]["ppo_r2"].items()}
-    # every run's time is in the total, the failed one's too (its stages' seconds are in theirs)
+    # every run's time is in the total, the failed one's too (its stages' seconds are in theirs; stages
+    # in lanes overlap, so their seconds may add up to more than the total)
     seconds = results["seconds"]
-    assert seconds["total"] >= sum(v for k, v in seconds.items() if k != "total") > 0
+    assert seconds["total"] >= max(v for k, v in seconds.items() if k != "total") > 0
     print(f"seconds: {seconds}")
