@@ -140,6 +140,13 @@ def selection_table(rows):
 N_BOOT = 10000   # bootstrap resamples
 LEVEL = 0.95     # interval coverage
 MODEL_PAIRS = (("sft", "base"), ("ppo", "sft"), ("ppo_ptx", "sft"), ("ppo_ptx", "ppo"))  # "a-b": a minus b
+CHAIN = ("base", "sft", "ppo", "ppo_ptx")  # the order of the tables and figures (then any other model)
+
+
+def chain_order(models):
+    """results.json's models in the chain's order, whatever order the stages finished in (run.sh's
+    lanes run some side by side): base, sft, ppo, ppo_ptx, then the others as recorded."""
+    return dict(sorted(models.items(), key=lambda kv: CHAIN.index(kv[0]) if kv[0] in CHAIN else len(CHAIN)))
 
 
 def per_problem_counts(rows):
@@ -344,7 +351,7 @@ def evidence(out_dir, ks=(1, 10, 100), n_boot=N_BOOT, seed=0, strict=True):
     path = Path(out_dir) / "results.json"
     results = json.loads(path.read_text()) if path.exists() else {}
     rows = {}
-    for name, m in results.get("models", {}).items():
+    for name, m in chain_order(results.get("models", {})).items():
         if "pass@1" not in m or not results_path(out_dir, name).exists():
             continue  # not evaluated (yet): e.g. ppo.py's entry before its evaluate.py
         r = read_jsonl(results_path(out_dir, name))
@@ -431,7 +438,7 @@ def figures(out_dir, dpi=100):
         lo, hi = ci or (y, y)
         ax.errorbar([x], [y], yerr=[[y - lo], [hi - y]], capsize=3, **kw)
 
-    models = {k: m for k, m in results.get("models", {}).items() if "pass@1" in m}
+    models = {k: m for k, m in chain_order(results.get("models", {})).items() if "pass@1" in m}
     if models:
         fig, ax = plt.subplots(figsize=(5, 3.2))
         for j, key in enumerate(("pass@1", "pass@10")):
@@ -723,7 +730,7 @@ def results_table(results):
     def with_ci(value, ci, f=fmt):
         return "" if value is None else f(value) + ("" if not ci else f" [{f(ci[0])}, {f(ci[1])}]")
 
-    models = results.get("models", {})
+    models = chain_order(results.get("models", {}))
     lines = ["| model | pass@1 [95% CI] | pass@10 [95% CI] | held-out code loss | KL to SFT | RM score | pick by RM "
              "| pick by mean log-p | oracle |",
              "|---|---|---|---|---|---|---|---|---|"]

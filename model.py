@@ -511,12 +511,7 @@ def generate(model, prompts, max_new_tokens, enc=None, temperature=1.0, top_k=No
     row_of = [distinct.setdefault(tuple(p), len(distinct)) for p in prompts]
     shared = use_cache and not compile and len(distinct) < B
     firsts = [list(p) for p in distinct] if shared else prompts
-    idx = torch.full((len(firsts), P), pad_id, dtype=torch.long)
-    valid = torch.zeros(len(firsts), P, dtype=torch.bool)
-    for b, p in enumerate(firsts):
-        idx[b, P - len(p):] = torch.tensor(p, dtype=torch.long)
-        valid[b, P - len(p):] = True
-    idx, valid = idx.to(device), valid.to(device)
+    idx, valid = pad_left(firsts, pad_id, device)
     padded = not bool(valid.all())
     ban = torch.tensor(sorted(banned), dtype=torch.long, device=device)
     stops = StopStrings.build(enc, stop, cfg.vocab_size, device) if stop else None
@@ -524,8 +519,7 @@ def generate(model, prompts, max_new_tokens, enc=None, temperature=1.0, top_k=No
 
     cache, decode = None, _decode_step
     if use_cache:
-        on = torch.is_autocast_enabled(device.type)  # under autocast, keys and values come out in its dtype
-        dtype = torch.get_autocast_dtype(device.type) if on else next(model.parameters()).dtype
+        dtype = cache_dtype(model)
         if compile:
             cache, decode = _static_cache(model, B, dtype), _compiled_decode_step()
         else:
@@ -667,6 +661,27 @@ def sample_completions(model, enc, prompts, max_new_tokens, temperature=0.0, top
     return out
 
 
+def pad_left(seqs, pad_id, device="cpu"):
+    """Left-pad token lists into (B, T) ids so that every row ends at the last column; returns (idx,
+    valid), valid marking the real tokens (the model then starts each row's positions at 0)."""
+    T = max(map(len, seqs))
+    idx = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    valid = torch.zeros(len(seqs), T, dtype=torch.bool)
+    for b, s in enumerate(seqs):
+        idx[b, T - len(s):] = torch.tensor(s, dtype=torch.long)
+        valid[b, T - len(s):] = True
+    return idx.to(device), valid.to(device)
+
+
+def cache_dtype(model):
+    """The dtype of a KV cache for `model`: under autocast its keys and values come out in the
+    autocast dtype, else in the weights' dtype."""
+    device = next(model.parameters()).device
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return next(model.parameters()).dtype
+
+
 def pad_right(seqs, pad_id, device="cpu"):
     """Right-pad token lists into (B, T) ids; returns (idx, lengths). With a causal model, padding
     after a row's end never changes that row's outputs, so no attention mask is needed."""
@@ -719,15 +734,8 @@ def _score_shared_prompts(model, seqs, pad_id, starts, device):
     P, T = max(map(len, distinct)), max(map(len, rests))
     if P + T > model.config.block_size:
         return None
-    idx = torch.full((len(distinct), P), pad_id, dtype=torch.long)
-    valid = torch.zeros(len(distinct), P, dtype=torch.bool)
-    for b, h in enumerate(distinct):
-        idx[b, P - len(h):] = torch.tensor(h, dtype=torch.long)
-        valid[b, P - len(h):] = True
-    on = torch.is_autocast_enabled(device.type)  # under autocast, keys and values come out in its dtype
-    dtype = torch.get_autocast_dtype(device.type) if on else next(model.parameters()).dtype
-    cache = KVCache(model.config, len(distinct), P + T, device, dtype)
-    idx, valid = idx.to(device), valid.to(device)
+    idx, valid = pad_left(list(distinct), pad_id, device)
+    cache = KVCache(model.config, len(distinct), P + T, device, cache_dtype(model))
     model(idx, valid=None if bool(valid.all()) else valid, cache=cache, logits_at=torch.zeros_like(valid))
     cache.keep(row_of)
     idx, lengths = pad_right(rests, pad_id, device)

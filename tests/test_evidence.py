@@ -273,3 +273,10 @@ def test_pick_versus_another_rule():
     d = pick_vs_random(rows, "rm_score", n_boot=1000, versus="mean_logprob")
     assert d["pass@1"] == pytest.approx((1 - 0) / 2 + (0 - 0) / 2)
     assert pick_vs_random(rows, "rm_score", versus="rm_score") == {"pass@1": 0.0, "ci": [0.0, 0.0]}
+
+
+def test_tables_list_models_in_the_chains_order():
+    """run.sh's lanes record ppo_ptx before ppo when it finishes first: tables and figures still read
+    base, sft, ppo, ppo_ptx, then any other model in the order recorded."""
+    recorded = {"ppo_ptx": 1, "custom": 2, "sft": 3, "ppo_r2": 4, "base": 5, "ppo": 6}
+    assert list(evaluate.chain_order(recorded)) == ["base", "sft", "ppo", "ppo_ptx", "custom", "ppo_r2"]
