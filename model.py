@@ -507,10 +507,9 @@ def generate(model, prompts, max_new_tokens, enc=None, temperature=1.0, top_k=No
     # a prompt repeated (n samples per problem, K completions per prompt) is run through the model
     # once: the prefill covers the distinct prompts, then their KV cache rows are copied out to every
     # row that repeats them (row_of[b]: the distinct prompt of row b)
-    distinct = {}
-    row_of = [distinct.setdefault(tuple(p), len(distinct)) for p in prompts]
+    distinct, row_of = distinct_rows(prompts)
     shared = use_cache and not compile and len(distinct) < B
-    firsts = [list(p) for p in distinct] if shared else prompts
+    firsts = distinct if shared else prompts
     idx, valid = pad_left(firsts, pad_id, device)
     padded = not bool(valid.all())
     ban = torch.tensor(sorted(banned), dtype=torch.long, device=device)
@@ -661,6 +660,14 @@ def sample_completions(model, enc, prompts, max_new_tokens, temperature=0.0, top
     return out
 
 
+def distinct_rows(seqs):
+    """(distinct, row_of): the distinct token lists among seqs, in order of first appearance, and
+    for each seqs[i] the index of its copy in `distinct`."""
+    index = {}
+    row_of = [index.setdefault(tuple(s), len(index)) for s in seqs]
+    return [list(s) for s in index], row_of
+
+
 def pad_left(seqs, pad_id, device="cpu"):
     """Left-pad token lists into (B, T) ids so that every row ends at the last column; returns (idx,
     valid), valid marking the real tokens (the model then starts each row's positions at 0)."""
@@ -705,7 +712,7 @@ def score_sequences(model, seqs, pad_id, starts=None):
     if mean and starts is None:
         raise ValueError("pool='mean' needs starts: where each completion begins")
     device = next(model.parameters()).device
-    if mean and min(starts) >= 2 and len({tuple(s[:st]) for s, st in zip(seqs, starts)}) < len(seqs):
+    if mean and min(starts) >= 2:
         out = _score_shared_prompts(model, seqs, pad_id, starts, device)
         if out is not None:
             return out
@@ -726,15 +733,15 @@ def _score_shared_prompts(model, seqs, pad_id, starts, device):
     the cache rows are copied out to the rows that share them, then each row's rest (the prompt's
     last token, the completion, the end of text; right-padded) attends to it. The same outputs as
     the whole sequences (up to floating-point order), gradients included: a prompt shared by K
-    completions costs one prompt instead of K. None if the layout would not fit the context."""
-    heads = [tuple(s[:st - 1]) for s, st in zip(seqs, starts)]
-    distinct = {}
-    row_of = torch.tensor([distinct.setdefault(h, len(distinct)) for h in heads], device=device)
+    completions costs one prompt instead of K. None if no prompt repeats, or if the layout would not
+    fit the context."""
+    distinct, row_of = distinct_rows([s[:st - 1] for s, st in zip(seqs, starts)])
     rests = [s[st - 1:] for s, st in zip(seqs, starts)]
     P, T = max(map(len, distinct)), max(map(len, rests))
-    if P + T > model.config.block_size:
+    if len(distinct) == len(seqs) or P + T > model.config.block_size:
         return None
-    idx, valid = pad_left(list(distinct), pad_id, device)
+    row_of = torch.tensor(row_of, device=device)
+    idx, valid = pad_left(distinct, pad_id, device)
     cache = KVCache(model.config, len(distinct), P + T, device, cache_dtype(model))
     model(idx, valid=None if bool(valid.all()) else valid, cache=cache, logits_at=torch.zeros_like(valid))
     cache.keep(row_of)

@@ -135,17 +135,17 @@ lane base stage eval_base evaluate python evaluate.py --preset "$PRESET" --ckpt 
 stage sft sft python sft.py $O $X_SFT
 # 4. step 2: comparisons labelled by execution, reward model; then SFT's pass@k and best-of-n by RM score
 stage reward reward python reward.py $O $X_RM
-eval_sft() {
-  stage eval_sft evaluate python evaluate.py --preset "$PRESET" --ckpt "$OUT/sft.pt" $EVAL --model_name sft \
-      --rm "$OUT/rm.pt" --sweep=0.2,0.4,0.6,0.8,1.0  # + Codex Figure 5: SFT's pass@k at each temperature
-}
 # 5. step 3: PPO against the reward model, without and with pretraining-gradient mixing (side by side)
 ppo_run() {  # ppo_run NAME [ARGS...]: PPO from sft.pt against rm.pt, then its evaluation
   local name=$1; shift
   stage $name ppo python ppo.py $O $X_PPO "$@" --run_name=$name $(resume_flag "$OUT/$name.pt")
   stage eval_$name evaluate python evaluate.py --preset "$PRESET" --ckpt "$OUT/$name.pt" $EVAL --model_name $name
 }
-sft_then_ppo() { eval_sft; ppo_run ppo --ptx_coef=0; }
+sft_then_ppo() {  # SFT's pass@k, its picks by RM score and Codex Figure 5 (pass@k at each temperature), then PPO
+  stage eval_sft evaluate python evaluate.py --preset "$PRESET" --ckpt "$OUT/sft.pt" $EVAL --model_name sft \
+      --rm "$OUT/rm.pt" --sweep=0.2,0.4,0.6,0.8,1.0
+  ppo_run ppo --ptx_coef=0
+}
 lane ppo sft_then_ppo
 ppo_run ppo_ptx
 join_lanes

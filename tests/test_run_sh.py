@@ -156,14 +156,20 @@ def round_of(name):
     return int(m.group(1)) if m else 1
 
 
-def check_order(cmds):
-    """Each stage started after every stage it needs had ended."""
+def spans(cmds):
+    """({stage: index of the record of its start}, {stage: index of the record of its end})."""
     start, end = {}, {}
     for i, cmd in enumerate(cmds):
         if cmd[0] == "end":
             end[stage_name(cmd[1:])] = i
         else:
             start[stage_name(cmd)] = i
+    return start, end
+
+
+def check_order(cmds):
+    """Each stage started after every stage it needs had ended."""
+    start, end = spans(cmds)
     for name, i in start.items():
         if name is None:
             continue
@@ -253,9 +259,8 @@ def test_lanes_run_side_by_side_and_jobs_1_runs_one_stage_at_a_time(fake_run):
     rc, output, cmds = fake_run("tiny", sleep=1)
     assert rc == 0, output[-3000:]
     check_order(cmds)
-    events = [("end" if c[0] == "end" else "start", stage_name(c[1:] if c[0] == "end" else c)) for c in cmds]
-    assert events.index(("start", "ppo_ptx")) < events.index(("end", "ppo"))
-    assert events.index(("start", "ppo")) < events.index(("end", "ppo_ptx"))
+    start, end = spans(cmds)
+    assert start["ppo_ptx"] < end["ppo"] and start["ppo"] < end["ppo_ptx"]
     assert "lane ppo: done" in output and "=== [ppo] python ppo.py" in output  # the lane's stages, reported
     rc, output, cmds = fake_run("tiny", "--jobs", "1", sleep=0.2)
     assert rc == 0, output[-3000:]
