@@ -699,7 +699,7 @@ def pad_right(seqs, pad_id, device="cpu"):
     return idx, lengths
 
 
-def score_sequences(model, seqs, pad_id, starts=None):
+def score_sequences(model, seqs, pad_id, starts=None, per_token=False):
     """The reward model's score r(x, y) of each seqs[i] = prompt + completion + [end of text]
     (DESIGN.md), from the scalar head's per-token outputs as model.config.pool says:
     - "last": the output at the last token (InstructGPT §3.5);
@@ -707,24 +707,30 @@ def score_sequences(model, seqs, pad_id, starts=None):
       starts[i] .. len(seqs[i]) - 1 (starts[i] = the number of prompt tokens).
     Rows that share a prompt (reward.py's K completions of one prompt, n samples of a problem) run
     that prompt through the model once (`_score_shared_prompts`). Differentiable; wrap in no_grad
-    to score."""
+    to score. per_token=True (mean pool) also returns the pooled outputs of each row, a list of 1-D
+    tensors whose means are the scores: r(x, y) split over its tokens (PPO's token-level reward)."""
     mean = model.config.pool == "mean"
     if mean and starts is None:
         raise ValueError("pool='mean' needs starts: where each completion begins")
+    if per_token and not mean:
+        raise ValueError("per_token needs pool='mean'")
     device = next(model.parameters()).device
+    out = None
     if mean and min(starts) >= 2:
         out = _score_shared_prompts(model, seqs, pad_id, starts, device)
-        if out is not None:
-            return out
-    idx, lengths = pad_right(seqs, pad_id, device)
-    if not mean:
-        values, _ = model(idx)
-        return values.float()[torch.arange(len(seqs), device=idx.device), lengths - 1]
-    starts = torch.as_tensor(starts, device=idx.device)
-    pos = torch.arange(idx.shape[1], device=idx.device)[None]
-    on = (pos >= starts[:, None]) & (pos < lengths[:, None])
-    values, _ = model(idx, logits_at=on & (pos > 0))  # loglik: logits for the pooled tokens only
-    return (values.float() * on).sum(1) / on.sum(1)
+    if out is None:
+        idx, lengths = pad_right(seqs, pad_id, device)
+        if not mean:
+            values, _ = model(idx)
+            return values.float()[torch.arange(len(seqs), device=idx.device), lengths - 1]
+        starts = torch.as_tensor(starts, device=idx.device)
+        pos = torch.arange(idx.shape[1], device=idx.device)[None]
+        on = (pos >= starts[:, None]) & (pos < lengths[:, None])
+        values, _ = model(idx, logits_at=on & (pos > 0))  # loglik: logits for the pooled tokens only
+        out = values.float(), on
+    values, on = out
+    scores = (values * on).sum(1) / on.sum(1)
+    return (scores, [v[o] for v, o in zip(values, on)]) if per_token else scores
 
 
 def _score_shared_prompts(model, seqs, pad_id, starts, device):
@@ -734,7 +740,7 @@ def _score_shared_prompts(model, seqs, pad_id, starts, device):
     last token, the completion, the end of text; right-padded) attends to it. The same outputs as
     the whole sequences (up to floating-point order), gradients included: a prompt shared by K
     completions costs one prompt instead of K. None if no prompt repeats, or if the layout would not
-    fit the context."""
+    fit the context. Returns (outputs (B, T) fp32, pooled mask (B, T)) of the rows' rests."""
     distinct, row_of = distinct_rows([s[:st - 1] for s, st in zip(seqs, starts)])
     rests = [s[st - 1:] for s, st in zip(seqs, starts)]
     P, T = max(map(len, distinct)), max(map(len, rests))
@@ -750,7 +756,7 @@ def _score_shared_prompts(model, seqs, pad_id, starts, device):
     real = pos < lengths[:, None]
     on = real & (pos > 0)  # pooled: everything after the prompt's last token
     values, _ = model(idx, valid=real, cache=cache, logits_at=on)
-    return (values.float() * on).sum(1) / on.sum(1)
+    return values.float(), on
 
 
 # ----------------------------------------------------------------------------- FLOPs and MFU

@@ -17,7 +17,9 @@ update below. Per iteration:
    minus a penalty if the completion never stopped; advantages by GAE (gamma 1, lambda 0.95),
    whitened. With --reward_norm (the default) r(x, y) is first put in units of its spread over the
    reference policy's own samples, (r - mean) / std (lm-human-preferences), so beta weighs the KL
-   against one standard deviation of the RM, whatever the RM's scale;
+   against one standard deviation of the RM, whatever the RM's scale. With --token_reward a
+   mean-pooled RM's score is split over the tokens it averages (`token_credit`), each part given
+   at its token instead of all of it at the last one: the same return, less noise in the credit;
 3. update: `ppo_epochs` passes over shuffled minibatches: clipped surrogate + vf_coef * clipped value
    loss (+ ptx_coef * the LM loss on a pretraining batch, in the same optimizer step); one AdamW for
    the policy and one for the value model, grad clipping on each; optionally adapt beta towards a
@@ -45,6 +47,7 @@ when matplotlib is installed), and models.<run_name>.{kl, rm_score} in results.j
 """
 import csv
 import dataclasses
+import functools
 import json
 import time
 from contextlib import nullcontext
@@ -81,6 +84,8 @@ class Config:
     kl_horizon: int = 10000       # completions over which beta may move by ~e^0.2
     no_stop_penalty: float = 1.0  # subtracted from the RM score when a completion never stops
     reward_norm: bool = True      # score the RM in units of its spread over the reference's samples
+    token_reward: bool = False    # a mean-pooled RM's score split over the tokens it averages, each
+                                  # part at its token (token_credit); False: all of it at the last token
     norm_samples: int = 256       # reference samples that set the normalisation (mean 0, std 1)
     # PPO
     ppo_epochs: int = 2
@@ -141,20 +146,51 @@ def whiten(x, mask, eps=1e-8):
     return (x - masked_mean(x, mask)) * torch.rsqrt(masked_var(x, mask) + eps) * mask
 
 
-def shaped_rewards(logp, ref_logp, score, no_stop, mask, kl_coef, no_stop_penalty):
+def shaped_rewards(logp, ref_logp, score, no_stop, mask, kl_coef, no_stop_penalty, score_tokens=None):
     """Per-token rewards of InstructGPT Eq. 2 (Ziegler et al. 2019, §2.2):
 
         r_t = -beta * (log pi(y_t|x, y_<t) - log pi_ref(y_t|x, y_<t))          every response token t
             + [t = last] * (r(x, y) - no_stop_penalty * [the completion never stopped])
 
     logp, ref_logp, mask: (B, R); score, no_stop: (B,) (no_stop a bool: finish == "length").
-    Returns (rewards (B, R), kl (B, R) = logp - ref_logp on the real tokens)."""
+    score_tokens (B, R), optional: a split of the score over the response tokens (`token_credit`):
+    token t gets score_tokens[t] and the last token the rest, score - sum_t score_tokens[t], so every
+    row's rewards still sum to r(x, y) - penalty - beta * KL; only where along the completion the
+    reward arrives changes. Returns (rewards (B, R), kl (B, R) = logp - ref_logp on the real tokens)."""
     kl = (logp - ref_logp) * mask
     rewards = -kl_coef * kl
     last = mask.sum(1).long() - 1
     rows = torch.arange(len(score), device=score.device)
-    rewards[rows, last] += score - no_stop_penalty * no_stop.float()
+    terminal = score - no_stop_penalty * no_stop.float()
+    if score_tokens is not None:
+        rewards = rewards + score_tokens * mask
+        terminal = terminal - (score_tokens * mask).sum(1)
+    rewards[rows, last] += terminal
     return rewards, kl
+
+
+def token_credit(outputs, rm_tokens, response, token_bytes):
+    """A mean-pooled RM's score r = mean_j o_j split over the sampled response tokens: output o_j
+    (rm_tokens[j], the completion as the RM reads it, re-encoded; the last output is the end of
+    text's) goes, divided by the number of outputs, to the response token that produced the last
+    byte of rm_tokens[j]; the end of text's to the last response token. The RM reads the completion
+    cut at its stop string, so the tokens that complete the stop get nothing but the end of text's
+    share. Returns a list of len(response) floats summing to r. token_bytes[id]: bytes of each id
+    (0 for specials)."""
+    n = len(outputs)
+    credit = [0.0] * len(response)
+    ends, total = [], 0
+    for t in response:
+        total += token_bytes[t]
+        ends.append(total)
+    i, done = 0, 0
+    for o, t in zip(outputs[:-1], rm_tokens):
+        done += token_bytes[t]
+        while i < len(response) - 1 and ends[i] < done:
+            i += 1
+        credit[i] += o / n
+    credit[-1] += outputs[-1] / n
+    return credit
 
 
 def normalize_score(score, mean, std):
@@ -309,7 +345,13 @@ def rollout(policy, ref, value_model, reward_model, enc, problems, task_ids, cfg
             out[k][rows, :r] = x
     samples = [{"task_id": t, "completion": c} for t, c in zip(task_ids, gen.texts)]
     with ctx():
-        scores = score_samples(reward_model, enc, problems, samples, cfg.minibatch_size)
+        scores = score_samples(reward_model, enc, problems, samples, cfg.minibatch_size, per_token=cfg.token_reward)
+    if cfg.token_reward:
+        scores, outputs = scores
+        out["score_tokens"] = torch.zeros_like(mask)
+        for b, (o, toks) in enumerate(zip(outputs, gen.tokens)):
+            rm_tokens = enc.encode_ordinary(gen.texts[b])[:len(o) - 1]  # as rm_sequence reads it
+            out["score_tokens"][b, :len(toks)] = torch.tensor(token_credit(o, rm_tokens, toks, token_bytes(enc)))
     out["score"] = torch.tensor(scores, device=device)
     sample_logp = torch.zeros_like(mask)
     for b, lp in enumerate(gen.logprobs):
@@ -320,6 +362,13 @@ def rollout(policy, ref, value_model, reward_model, enc, problems, task_ids, cfg
     sync(device)
     out["seconds"] = {"generate": t1 - t0, "score": time.perf_counter() - t1}
     return out
+
+
+@functools.lru_cache(maxsize=4)
+def token_bytes(enc):
+    """The length in bytes of every token id (0 for the end of text and padding): token_credit's map."""
+    eot_id, pad_id = special_ids(enc)
+    return [0 if t in (eot_id, pad_id) else len(enc.decode_single_token_bytes(t)) for t in range(enc.n_vocab)]
 
 
 def sync(device):
@@ -442,6 +491,9 @@ def train(cfg, out_dir, resume=False, stop_at=None, record=True):
     rt = common.setup_runtime(cfg.device, cfg.dtype, cfg.seed)
     device = rt.device
     policy, ref, value_model, reward_model, sft_ckpt = load_models(*model_paths(cfg, out_dir), device)
+    if cfg.token_reward and reward_model.config.pool != "mean":
+        common.die(f"--token_reward needs a mean-pooled reward model; {model_paths(cfg, out_dir)[2]} pools "
+                   f"{reward_model.config.pool!r}")
     enc = tokenizer.from_state(sft_ckpt["tokenizer"])
     _, pad_id = special_ids(enc)
     problems, task_ids = load_prompts(out_dir, enc, policy.config.block_size - cfg.max_new_tokens)
@@ -511,8 +563,9 @@ def train(cfg, out_dir, resume=False, stop_at=None, record=True):
 
             # ---- 2. per-token rewards, advantages, returns
             score = normalize_score(batch["score"], *norm)
+            score_tokens = batch["score_tokens"] / norm[1] if cfg.token_reward else None  # the mean stays terminal
             rewards, kl = shaped_rewards(batch["logp"], batch["ref_logp"], score, batch["no_stop"],
-                                         mask, kl_coef, cfg.no_stop_penalty)
+                                         mask, kl_coef, cfg.no_stop_penalty, score_tokens)
             advantages, returns = gae(rewards, batch["values"], mask, cfg.gamma, cfg.lam)
             batch["advantages"] = whiten(advantages, mask)
             batch["returns"] = returns

@@ -126,9 +126,9 @@ def rm_sequence(enc, prompt, completion, block_size, eot_id):
     return p + c + [eot_id], len(p)
 
 
-def score(rm, seqs, pad_id):
+def score(rm, seqs, pad_id, per_token=False):
     """r(x, y) of each (tokens, start) from rm_sequence: model.score_sequences."""
-    return score_sequences(rm, [t for t, _ in seqs], pad_id, [s for _, s in seqs])
+    return score_sequences(rm, [t for t, _ in seqs], pad_id, [s for _, s in seqs], per_token)
 
 
 def batch_loss(rm, groups, pad_id):
@@ -147,9 +147,11 @@ def batch_loss(rm, groups, pad_id):
 
 
 @torch.no_grad()
-def score_samples(rm, enc, problems, samples, batch_size=64, progress=False):
+def score_samples(rm, enc, problems, samples, batch_size=64, progress=False, per_token=False):
     """The RM score of each sample ({task_id, completion}) under its problem's prompt, in order.
-    Batched (sequences sorted by length) and without gradients."""
+    Batched (sequences sorted by length) and without gradients. per_token=True (a mean-pooled RM)
+    returns (scores, per-token outputs): for each sample a list, one value per completion token of
+    rm_sequence and one for the end of text, whose mean is its score."""
     eot_id, pad_id = special_ids(enc)
     block = rm.config.block_size
     seqs = []
@@ -158,15 +160,20 @@ def score_samples(rm, enc, problems, samples, batch_size=64, progress=False):
             raise KeyError(f"sample task_id {s['task_id']!r} is not in the problem file")
         seqs.append(rm_sequence(enc, problems[s["task_id"]]["prompt"], s["completion"], block, eot_id))
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]))
-    out = [0.0] * len(seqs)
+    out, tokens = [0.0] * len(seqs), [None] * len(seqs)
     was_training = rm.training
     rm.eval()
     for b in tqdm(range(0, len(order), batch_size), desc="rm score", disable=not progress, leave=False):
         rows = order[b:b + batch_size]
-        for i, r in zip(rows, score(rm, [seqs[i] for i in rows], pad_id).tolist()):
+        scores = score(rm, [seqs[i] for i in rows], pad_id, per_token)
+        if per_token:
+            scores, per = scores
+            for i, t in zip(rows, per):
+                tokens[i] = t.tolist()
+        for i, r in zip(rows, scores.tolist()):
             out[i] = r
     rm.train(was_training)
-    return out
+    return (out, tokens) if per_token else out
 
 
 # ----------------------------------------------------------------------------- comparisons file

@@ -57,6 +57,39 @@ def test_shaped_rewards_hand_example():
     assert torch.allclose(rewards, torch.tensor([[-0.05, 0.1, 2.0], [-0.02, 0.05 + 0.5 - 1.0, 0.0]]))
 
 
+def test_shaped_rewards_with_the_score_split_over_tokens():
+    logp = torch.tensor([[-1.0, -2.0, -0.5], [-0.3, -0.7, 0.0]])
+    ref_logp = torch.tensor([[-1.5, -1.0, -0.5], [-0.5, -0.2, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    score = torch.tensor([2.0, 0.5])
+    no_stop = torch.tensor([False, True])
+    split = torch.tensor([[0.3, 0.4, 0.5], [0.1, 0.2, 7.0]])  # row 1's third column is padding
+    rewards, kl = ppo.shaped_rewards(logp, ref_logp, score, no_stop, mask, kl_coef=0.1, no_stop_penalty=1.0,
+                                     score_tokens=split)
+    # row 0: -0.1 * kl = [-0.05, 0.1, 0.0] + the split [0.3, 0.4, 0.5], the last token also gets the
+    #        rest of the score, 2.0 - 1.2 = 0.8
+    # row 1: -0.1 * kl = [-0.02, 0.05] + [0.1, 0.2]; the last real token gets 0.5 - 0.3 - 1.0
+    assert torch.allclose(rewards, torch.tensor([[0.25, 0.5, 0.5 + 0.8], [0.08, 0.25 + 0.2 - 1.0, 0.0]]))
+    # every row's rewards sum to what the terminal-only rewards sum to: only where they arrive moves
+    plain, _ = ppo.shaped_rewards(logp, ref_logp, score, no_stop, mask, kl_coef=0.1, no_stop_penalty=1.0)
+    assert torch.allclose(rewards.sum(1), plain.sum(1))
+
+
+def test_token_credit_maps_the_rm_outputs_to_the_sampled_tokens_by_bytes():
+    token_bytes = {1: 2, 2: 1, 3: 3, 4: 3, 5: 3, 9: 0}  # 9: the end of text (no bytes)
+    # the RM reads the same tokens: output j to token j, the end of text's to the last token
+    assert ppo.token_credit([0.4, 0.8, 1.2, 2.0], [1, 2, 3], [1, 2, 3, 9], token_bytes) == \
+        pytest.approx([0.1, 0.2, 0.3, 0.5])
+    # another segmentation of the same 6 bytes: RM token 4 ends at byte 3 (sampled token 2's last
+    # byte), RM token 5 at byte 6 (token 3's)
+    assert ppo.token_credit([0.3, 0.6, 0.9], [4, 5], [1, 2, 3, 9], token_bytes) == pytest.approx([0.0, 0.1, 0.2, 0.3])
+    # the completion is cut before a stop string: the tokens that complete it get only the end
+    # of text's share (here the last one)
+    assert ppo.token_credit([0.2, 1.0], [1], [1, 2, 3], token_bytes) == pytest.approx([0.1, 0.0, 0.5])
+    # an empty completion: everything on the last token
+    assert ppo.token_credit([0.7], [], [3, 9], token_bytes) == pytest.approx([0.0, 0.7])
+
+
 def test_whiten_is_masked():
     x = torch.tensor([[1.0, 2.0, 3.0], [4.0, 100.0, -50.0]])
     mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
@@ -192,6 +225,36 @@ def test_rollout_logprobs_equal_a_fresh_forward_pass(out_dir):
     # the RM score is reward.py's convention (prompt + completion text + end of text)
     from reward import score_samples
     assert torch.allclose(batch["score"], torch.tensor(score_samples(reward_model, enc, problems, batch["samples"])))
+
+
+def test_token_reward_splits_the_rm_score_over_the_sampled_tokens(out_dir, tmp_path):
+    """--token_reward: each rollout's score_tokens sum to its RM score, sit on its real tokens only,
+    and put each RM output on the token that produced it (the same tokens here: the RM re-encodes
+    the sampled text as the sampler's tokens); a last-token RM is refused."""
+    rm, ckpt = load_checkpoint(out_dir / "rm.pt")
+    rm.config = dataclasses.replace(rm.config, pool="mean", loglik=True)
+    save_checkpoint(tmp_path / "rm_mean.pt", rm, tokenizer=ckpt["tokenizer"], stage="reward", step=0)
+    cfg = small_config(temperature=0.8, max_new_tokens=24, token_reward=True, rm=str(tmp_path / "rm_mean.pt"))
+    policy, ref, value_model, reward_model, ckpt = ppo.load_models(*ppo.model_paths(cfg, out_dir), "cpu")
+    enc = tokenizer.from_state(ckpt["tokenizer"])
+    problems = {p["task_id"]: p for p in PROBLEMS}
+    batch = ppo.rollout(policy, ref, value_model, reward_model, enc, problems, list(problems), cfg,
+                        torch.Generator().manual_seed(0))
+    split, mask = batch["score_tokens"], batch["mask"]
+    assert torch.allclose(split.sum(1), batch["score"], atol=1e-5)
+    assert (split[mask == 0] == 0).all() and (split[mask == 1] != 0).any()
+    from reward import score_samples
+    _, outputs = score_samples(reward_model, enc, problems, batch["samples"], per_token=True)
+    checked = 0
+    for b, o in enumerate(outputs):
+        n_text = len(enc.encode_ordinary(batch["samples"][b]["completion"]))
+        sampled = batch["seq"][b, batch["P"]:batch["P"] + n_text].tolist()
+        if sampled == enc.encode_ordinary(batch["samples"][b]["completion"]) and n_text < int(mask[b].sum()):
+            assert split[b, :n_text].tolist() == pytest.approx([x / len(o) for x in o[:-1]], abs=1e-6)
+            checked += 1
+    assert checked > 0
+    with pytest.raises(SystemExit):
+        ppo.train(small_config(token_reward=True), out_dir)  # rm.pt pools "last"
 
 
 def test_value_model_reads_only_the_head_of_a_loglik_reward_model(out_dir, tmp_path):
