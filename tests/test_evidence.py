@@ -215,6 +215,43 @@ def test_end_to_end_writes_the_evidence_keys(toy_out, capsys):
     assert "| sft - base |" in table and "Best-of-n" in table and "Temperature sweep" in table
 
 
+def test_rm_scores_added_after_sampling_equal_scores_taken_while_sampling(toy_out, tmp_path, capsys):
+    """run.sh samples SFT beside the reward stage, then `--rm R --model_name sft` adds the RM's
+    scores: the same files, picks, best-of-n and comparisons as `--ckpt ... --rm R` in one go."""
+    import shutil
+    dirs = {}
+    for name in ("together", "after"):
+        d = dirs[name] = tmp_path / name
+        d.mkdir()
+        for f in ("sft.pt", "rm.pt"):
+            shutil.copy(toy_out / f, d / f)
+        shutil.copytree(toy_out / "tasks", d / "tasks")
+
+    def common(d):
+        return ["--out_dir", str(d), "--problems", str(d / "tasks" / "test.jsonl"), "--device=cpu", "--n=4",
+                "--max_new_tokens=8", "--val_iters=0", "--k=1,2", "--workers=2", "--model_name", "sft"]
+    evaluate.main(["--ckpt", str(dirs["together"] / "sft.pt"), "--rm", str(dirs["together"] / "rm.pt"),
+                   *common(dirs["together"])])
+    evaluate.main(["--ckpt", str(dirs["after"] / "sft.pt"), *common(dirs["after"])])
+    before = json.loads((dirs["after"] / "results.json").read_text())
+    assert "rm_score" not in before["models"]["sft"]["pick"] and "best_of_n" not in before
+    evaluate.main(["--rm", str(dirs["after"] / "rm.pt"), *common(dirs["after"])])
+    a, b = (json.loads((dirs[n] / "results.json").read_text()) for n in ("together", "after"))
+    assert a["models"]["sft"] == b["models"]["sft"] and "rm_score" in b["models"]["sft"]["pick"]
+    assert a["best_of_n"] == b["best_of_n"] and a["comparisons"] == b["comparisons"]
+    for f in ("sft_samples.jsonl", "sft_samples.jsonl_results.jsonl"):
+        rows_a, rows_b = (evaluate.read_jsonl(dirs[n] / "eval" / f) for n in ("together", "after"))
+        assert [r["rm_score"] for r in rows_a] == pytest.approx([r["rm_score"] for r in rows_b], abs=1e-6)
+        assert [{k: v for k, v in r.items() if k != "rm_score"} for r in rows_a] == \
+            [{k: v for k, v in r.items() if k != "rm_score"} for r in rows_b]
+    # a model with no recorded samples: a one-line error
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        evaluate.main(["--rm", str(dirs["after"] / "rm.pt"), *common(dirs["after"])[:-1], "ppo"])
+    err = capsys.readouterr().err.strip()
+    assert "ppo_samples.jsonl" in err and len(err.splitlines()) == 1
+
+
 def test_compare_refuses_models_on_different_problems(toy_out, tmp_path, capsys):
     out = tmp_path
     rows = [{"task_id": "t/0", "completion": "", "passed": True}, {"task_id": "t/1", "completion": "", "passed": False}]

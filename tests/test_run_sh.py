@@ -24,8 +24,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-ROUND1 = ["corpus", "tokenizer", "tokenize", "tasks", "pretrain", "eval_base", "sft", "reward", "eval_sft",
-          "ppo", "eval_ppo", "ppo_ptx", "eval_ppo_ptx"]
+ROUND1 = ["corpus", "tokenizer", "tokenize", "tasks", "pretrain", "eval_base", "sft", "eval_sft", "reward",
+          "rm_picks", "ppo", "eval_ppo", "ppo_ptx", "eval_ppo_ptx"]
 
 
 def round_stages(r):
@@ -43,7 +43,7 @@ def skipped(stdout):
 FAKE_PYTHON = r'''#!@REAL@ -S
 """A stand-in for `python` in run.sh: the real interpreter for -c / - / -m, otherwise a record of the
 stage's command line (to $FAKE_LOG, when it starts and again when it ends) and the files the next
-stages read. $FAKE_SLEEP: seconds each ppo.py takes."""
+stages read. $FAKE_SLEEP: seconds each ppo.py, reward.py and sampling evaluate.py takes."""
 import json, os, sys, time
 REAL = '@REAL@'
 argv = sys.argv[1:]
@@ -81,6 +81,7 @@ elif script == "pretrain.py":
 elif script == "sft.py":
     touch("sft.pt")
 elif script == "reward.py":
+    time.sleep(float(os.environ.get("FAKE_SLEEP") or 0))
     r = int(opt("round") or 1)
     touch("rm.pt" if r == 1 else f"rm_r{r}.pt")
     touch("comparisons.jsonl" if r == 1 else f"comparisons_r{r}.jsonl")
@@ -88,6 +89,7 @@ elif script == "ppo.py":
     time.sleep(float(os.environ.get("FAKE_SLEEP") or 0))
     touch(opt("run_name") + ".pt")
 elif script == "evaluate.py" and opt("model_name"):  # (as the real one: under results.json's lock)
+    time.sleep(float(os.environ.get("FAKE_SLEEP") or 0) if opt("ckpt") else 0)
     sys.path.insert(0, os.getcwd())
     import common
     common.update_results(out, {"models": {opt("model_name"): {"pass@1": 0.25}}})
@@ -124,6 +126,8 @@ def stage_name(cmd):
     if script == "data/code.py":
         return "tokenize" if "--tokenize" in args else "corpus"
     if script == "evaluate.py":
+        if "--rm" in args and "--ckpt" not in args:
+            return "rm_picks"
         return "eval_" + args[args.index("--model_name") + 1] if "--model_name" in args else None
     if script == "ppo.py":
         return opt["--run_name"]
@@ -147,7 +151,8 @@ def by_stage(cmds):
 # by side); round r >= 2 starts after every stage of round r - 1
 NEEDS = {"tokenizer": ["corpus"], "tokenize": ["tokenizer"], "pretrain": ["tokenize"],
          "eval_base": ["pretrain", "tasks"], "sft": ["pretrain", "tasks"], "reward": ["sft"],
-         "eval_sft": ["reward"], "ppo": ["reward"], "eval_ppo": ["ppo"], "ppo_ptx": ["reward"],
+         "eval_sft": ["sft"], "rm_picks": ["reward", "eval_sft"], "ppo": ["reward"], "eval_ppo": ["ppo"],
+         "ppo_ptx": ["reward"],
          "eval_ppo_ptx": ["ppo_ptx"]}
 
 
@@ -254,13 +259,15 @@ def test_resume_skips_finished_stages_and_reruns_a_crashed_one(fake_run):
 
 
 def test_lanes_run_side_by_side_and_jobs_1_runs_one_stage_at_a_time(fake_run):
-    """PPO and PPO-ptx (1 s each here) overlap in time by default; with --jobs 1 the stages run in
-    the script's order, each after the previous one ended."""
+    """PPO and PPO-ptx overlap in time by default, and SFT's evaluation overlaps the reward stage
+    (1 s each here); with --jobs 1 the stages run in the script's order, each after the previous
+    one ended."""
     rc, output, cmds = fake_run("tiny", sleep=1)
     assert rc == 0, output[-3000:]
     check_order(cmds)
     start, end = spans(cmds)
     assert start["ppo_ptx"] < end["ppo"] and start["ppo"] < end["ppo_ptx"]
+    assert start["eval_sft"] < end["reward"] and start["reward"] < end["eval_sft"]
     assert "lane ppo: done" in output and "=== [ppo] python ppo.py" in output  # the lane's stages, reported
     rc, output, cmds = fake_run("tiny", "--jobs", "1", sleep=0.2)
     assert rc == 0, output[-3000:]
@@ -273,10 +280,11 @@ def test_a_failed_lane_stops_the_run_and_resume_reruns_it(fake_run):
     rc, output, cmds = fake_run("tiny", fail="--model_name base")
     assert rc != 0 and "lane base failed" in output and "fake crash" in output
     done = sorted(p.name for p in (out / "done").iterdir())
-    assert "eval_base" not in done and {"reward", "ppo_ptx", "eval_ppo_ptx", "eval_ppo"} <= set(done)
-    assert not (out / "done" / "compare").exists()
+    # the stages beside it and before the next join finished; none after that join started
+    assert "eval_base" not in done and {"sft", "eval_sft", "reward"} <= set(done)
+    assert "rm_picks" not in by_stage(cmds) and "ppo" not in by_stage(cmds)
     rc, output, cmds = fake_run("tiny", "--resume")
-    assert rc == 0 and list(by_stage(cmds)) == ["eval_base"]
+    assert rc == 0 and sorted(by_stage(cmds)) == sorted(["eval_base"] + ROUND1[ROUND1.index("rm_picks"):])
 
 
 # ----------------------------------------------------------------------------- the real chain, slow
@@ -299,7 +307,7 @@ def test_tiny_smoke_two_rounds_resumed_and_a_crashed_stage_rerun(tmp_path):
     out = tmp_path / "tiny_smoke"
     # 1. one round. The stages that the rounds do not use are stamped beforehand, so --resume skips them
     #    (it saves ~70 s: ppo_ptx and three evaluations); the other stages run as in a fresh run
-    skip = ["eval_base", "eval_sft", "ppo_ptx", "eval_ppo_ptx"]
+    skip = ["eval_base", "eval_sft", "rm_picks", "ppo_ptx", "eval_ppo_ptx"]
     (out / "done").mkdir(parents=True)
     for name in skip:
         (out / "done" / name).touch()
