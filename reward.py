@@ -67,6 +67,7 @@ class Config:
     pool: str = "mean"             # r(x, y): "mean" of the head over the completion, or at the "last" token
     loglik: bool = True            # the head's outputs also count log p(token) under the tied unembedding
     holdout: float = 0.15          # fraction of the rm prompts held out for pairwise accuracy
+    val_comparisons: str = ""      # measure accuracy on this comparisons file instead (all others train)
     # the flywheel (run.sh --rounds): round r samples from `policy`, trains on every round's comparisons
     round: int = 1                 # round r > 1 writes comparisons_r<r>.jsonl and rm_r<r>.pt
     policy: str = ""               # sample comparisons from this checkpoint (default out_dir/sft.pt)
@@ -215,11 +216,23 @@ def read_comparisons(path):
     return rows
 
 
+def label(problems, samples, timeout=3.0, sandbox=None):
+    """THE labeler: run each sample ({task_id, completion}) against its problem's unit tests in the
+    sandbox and score it by the fraction of the test's asserts that pass (1.0 for a program that
+    passes). reward.py ranks completions by this score; ppo.py --reward=exec optimises it. Pass a
+    running execution.Sandbox to reuse its workers. Returns (scores, the sandbox's result rows)."""
+    from execution import run_many
+    if sandbox is None:
+        rows = run_many(problems, samples, timeout=timeout, frac=True)
+    else:
+        rows = sandbox.run(problems, samples, timeout=timeout, frac=True, progress=False)
+    return [float(r["frac"]) for r in rows], rows
+
+
 def make_comparisons(model, enc, problems, cfg, generator, ctx=nullcontext):
     """Sample K completions per prompt (temperature cfg.temperature, all prompts batched together,
     under the autocast context `ctx`), add the reference solution with cfg.references, and label
     them all with the fraction of unit-test asserts they pass. Returns comparison rows."""
-    from execution import run_many
     task_ids = sorted(problems)
     rows = [t for t in task_ids for _ in range(cfg.k)]
     with ctx():
@@ -232,14 +245,9 @@ def make_comparisons(model, enc, problems, cfg, generator, ctx=nullcontext):
         texts = [c for i, t in enumerate(task_ids)
                  for c in texts[i * cfg.k:(i + 1) * cfg.k] + [problems[t]["canonical_solution"]]]
     samples = [{"task_id": task_ids[j // n], "completion": c} for j, c in enumerate(texts)]
-    results = run_many(problems, samples, timeout=cfg.timeout, frac=True)
-    out = []
-    for i, t in enumerate(task_ids):
-        res = results[i * n:(i + 1) * n]
-        out.append({"task_id": t, "prompt": problems[t]["prompt"],
-                    "completions": texts[i * n:(i + 1) * n],
-                    "scores": [float(r.get("frac", float(r["passed"]))) for r in res]})
-    return out
+    scores, _ = label(problems, samples, timeout=cfg.timeout)
+    return [{"task_id": t, "prompt": problems[t]["prompt"], "completions": texts[i * n:(i + 1) * n],
+             "scores": scores[i * n:(i + 1) * n]} for i, t in enumerate(task_ids)]
 
 
 # ----------------------------------------------------------------------------- training
@@ -332,8 +340,12 @@ def train(cfg, out_dir, comparisons=None):
 
     def group(r):
         return [rm_sequence(enc, r["prompt"], c, block, eot_id) for c in r["completions"]], r["scores"]
+    if cfg.val_comparisons:  # a fixed held-out set (bench/rm_data_curve.py: the same one for every size)
+        val_set, val_ids = set(), []
+        val_groups = [group(r) for r in read_comparisons(cfg.val_comparisons) if n_pairs(r["scores"]) > 0]
+    else:
+        val_groups = [group(r) for r in useful if r["task_id"] in val_set]
     train_groups = [group(r) for r in useful if r["task_id"] not in val_set]
-    val_groups = [group(r) for r in useful if r["task_id"] in val_set]
     # this round's fresh comparisons on held-out prompts: the distribution the next PPO will see
     fresh_val = [group(r) for r in fresh if r["task_id"] in val_set and n_pairs(r["scores"]) > 0]
     n_train = sum(n_pairs(s) for _, s in train_groups)

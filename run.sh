@@ -136,17 +136,21 @@ stage sft sft python sft.py $O $X_SFT
 # 4. step 2: comparisons labelled by execution, reward model; beside it SFT's pass@k and Codex Figure 5
 #    (pass@k at each temperature); then SFT's picks by RM score and best-of-n
 lane sft stage eval_sft evaluate python evaluate.py --preset "$PRESET" --ckpt "$OUT/sft.pt" $EVAL --model_name sft \
-    --sweep=0.2,0.4,0.6,0.8,1.0
+    --ref "$OUT/sft.pt" --sweep=0.2,0.4,0.6,0.8,1.0
 stage reward reward python reward.py $O $X_RM
 join_lanes
 stage rm_picks evaluate python evaluate.py --preset "$PRESET" --rm "$OUT/rm.pt" --model_name sft $EVAL
-# 5. step 3: PPO against the reward model, without and with pretraining-gradient mixing (side by side)
-ppo_run() {  # ppo_run NAME [ARGS...]: PPO from sft.pt against rm.pt, then its evaluation
+# 5. step 3: PPO from SFT against the execution reward (the labeler's own score: what any RM trained
+#    on it can at best give) beside PPO against the reward model, without and with pretraining-gradient
+#    mixing; each evaluated with its KL to SFT on the test prompts
+ppo_run() {  # ppo_run NAME [ARGS...]: PPO from sft.pt, then its evaluation
   local name=$1; shift
   stage $name ppo python ppo.py $O $X_PPO "$@" --run_name=$name $(resume_flag "$OUT/$name.pt")
-  stage eval_$name evaluate python evaluate.py --preset "$PRESET" --ckpt "$OUT/$name.pt" $EVAL --model_name $name
+  stage eval_$name evaluate python evaluate.py --preset "$PRESET" --ckpt "$OUT/$name.pt" $EVAL --model_name $name \
+      --ref "$OUT/sft.pt"
 }
-lane ppo ppo_run ppo --ptx_coef=0
+lane exec ppo_run ppo_exec --reward=exec --ptx_coef=0
+ppo_run ppo --ptx_coef=0
 ppo_run ppo_ptx
 join_lanes
 python -c "import common, sys, json; m = json.load(open(sys.argv[1] + '/results.json'))['models']['ppo']; \
@@ -163,14 +167,17 @@ for (( R = 2; R <= ROUNDS; R++ )); do
       --comparisons "$CMPS" --prev_rm="$OUT/rm$PSUF.pt"
   stage ppo$SUF ppo python ppo.py $O $X_PPO --ptx_coef=0 --run_name=ppo$SUF --init="$OUT/ppo$PSUF.pt" \
       --ref="$OUT/sft.pt" --rm="$OUT/rm$SUF.pt" $(resume_flag "$OUT/ppo$SUF.pt")
-  stage eval_ppo$SUF evaluate python evaluate.py --preset "$PRESET" --ckpt "$OUT/ppo$SUF.pt" $EVAL --model_name ppo$SUF
+  stage eval_ppo$SUF evaluate python evaluate.py --preset "$PRESET" --ckpt "$OUT/ppo$SUF.pt" $EVAL --model_name ppo$SUF \
+      --ref "$OUT/sft.pt"
   python -c "import common, sys, json; m = json.load(open(sys.argv[1] + '/results.json'))['models'][sys.argv[2]]; \
 common.update_round(sys.argv[1], int(sys.argv[3]), {'policy': m})" "$OUT" "ppo$SUF" "$R"
 done
 
-# 7. evidence: 95% intervals, paired differences (ppo - sft, ...), best-of-n; figures (with matplotlib)
-python evaluate.py --preset "$PRESET" --out_dir "$OUT" --compare --figures
+# 7. evidence: 95% intervals, paired differences (ppo - sft, ppo - SFT sampled cooler at the same KL, ...),
+#    best-of-n; the tables and figures (figures with matplotlib)
+python evaluate.py --preset "$PRESET" --out_dir "$OUT" --compare
+python report.py --figures "$OUT"
 
 trap - EXIT; add_total
 python -c "import json, sys; print(json.dumps(json.load(open(sys.argv[1] + '/results.json')), indent=2))" "$OUT"
-python evaluate.py --table "$OUT/results.json"
+python report.py --table "$OUT/results.json"

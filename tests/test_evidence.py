@@ -11,9 +11,10 @@ import pytest
 import torch
 
 import evaluate
+import report
 import tokenizer as tok
 from evaluate import (best_of_n_table, bootstrap_ci, bootstrap_means, expected_best_of, kl_best_of_n, model_ci,
-                      paired_difference, pass_at_k, per_problem_counts, pick_vs_random)
+                      paired_difference, pass_at_k, per_problem_counts, pick_vs_random, versus_tempered)
 from model import GPT, GPTConfig, load_checkpoint, save_checkpoint
 
 
@@ -208,7 +209,7 @@ def test_end_to_end_writes_the_evidence_keys(toy_out, capsys):
     after = json.loads((out / "results.json").read_text())
     assert {k: after[k] for k in before} == before
     capsys.readouterr()
-    evaluate.main(["--table", str(out / "results.json")])
+    report.main(["--table", str(out / "results.json")])
     table = capsys.readouterr().out
     lo, hi = sft["ci"]["pass@1"]
     assert f"{sft['pass@1']:.3f} [{lo:.3f}, {hi:.3f}]" in table
@@ -278,27 +279,30 @@ def test_compare_refuses_models_on_different_problems(toy_out, tmp_path, capsys)
 def test_figures_are_small_pngs_or_skipped(tmp_path, monkeypatch, capsys):
     results = {
         "models": {"sft": {"pass@1": 0.3, "pass@10": 0.6, "ci": {"pass@1": [0.25, 0.35], "pass@10": [0.5, 0.7]}},
-                   "ppo": {"pass@1": 0.32, "kl": 0.2, "ci": {"pass@1": [0.27, 0.37]}}},
+                   "ppo": {"pass@1": 0.32, "kl": 0.2, "kl_ref": 0.3, "ci": {"pass@1": [0.27, 0.37]}, "reward": "rm",
+                           "climb": {"of": "rm_score", "first": 0.0, "last": 0.2, "diff": 0.2, "se": 0.1}}},
         "temperature_sweep": {"model": "sft", "n": 10, "best": {"pass@1": 0.2},
                               "rows": [{"temperature": t, "pass@1": 0.4 - t / 4, "pass@10": 0.5 + t / 5,
-                                        "ci": {"pass@1": [0.3 - t / 4, 0.5 - t / 4]}} for t in (0.2, 0.6, 1.0)]},
+                                        "ci": {"pass@1": [0.3 - t / 4, 0.5 - t / 4]}, "kl_ref": abs(0.8 - t)}
+                                       for t in (0.2, 0.6, 0.8, 1.0)]},
         "best_of_n": {"model": "sft", "temperature": 0.8, "rows": [
             {"n": n, "kl": kl_best_of_n(n), "gold_rm": 0.3 + n / 100, "rm_score": n / 10, "gold_logp": 0.3,
              "gold_oracle": 0.3 + n / 30} for n in (1, 2, 4, 8)]}}
     (tmp_path / "results.json").write_text(json.dumps(results))
     (tmp_path / "logs").mkdir()
     (tmp_path / "logs" / "ppo.jsonl").write_text("".join(
-        json.dumps({"iter": i, "kl": i / 10, "rm_score": i / 5, "gold_pass": 0.3}) + "\n" for i in range(5)))
+        json.dumps({"iter": i, "kl": i / 10, "rm_score": i / 5, "gold_pass": 0.3, "gold_frac": 0.4}) + "\n"
+        for i in range(5)))
     (tmp_path / "kl_sweep.json").write_text(json.dumps({"rows": [
         {"kl_coef": c, "kl": 1 / c / 100, "rm_score": 0.1, "gold_pass": 0.3, "pass@1": 0.31, "ci": [0.28, 0.34]}
         for c in (0.01, 0.05)]}))
-    monkeypatch.setattr(evaluate.common, "pyplot", lambda: None)
-    assert evaluate.figures(tmp_path) == []
+    monkeypatch.setattr(report.common, "pyplot", lambda: None)
+    assert report.figures(tmp_path) == []
     assert "matplotlib is not installed" in capsys.readouterr().out
     monkeypatch.undo()
     pytest.importorskip("matplotlib")
-    written = evaluate.figures(tmp_path)
-    assert sorted(p.name for p in written) == ["overoptimization.png", "pass_at_1.png", "temperature.png"]
+    written = report.figures(tmp_path)
+    assert sorted(p.name for p in written) == ["frontier.png", "pass_at_k.png", "ppo_training.png", "temperature.png"]
     assert all(p.read_bytes()[:4] == b"\x89PNG" and p.stat().st_size < 200_000 for p in written)
 
 
@@ -317,3 +321,36 @@ def test_tables_list_models_in_the_chains_order():
     base, sft, ppo, ppo_ptx, then any other model in the order recorded."""
     recorded = {"ppo_ptx": 1, "custom": 2, "sft": 3, "ppo_r2": 4, "base": 5, "ppo": 6}
     assert list(evaluate.chain_order(recorded)) == ["base", "sft", "ppo", "ppo_ptx", "custom", "ppo_r2"]
+
+
+def test_versus_tempered_interpolates_the_cooler_reference_at_the_same_kl():
+    """A policy against the reference sampled cooler at the same KL: per problem, the reference's
+    pass@1 interpolated linearly in KL between the temperatures around the policy's KL, paired."""
+    ids = [f"t/{i}" for i in range(4)]
+    warm = {t: (4, c) for t, c in zip(ids, (0, 1, 2, 1))}   # kl 0: pass@1 0, .25, .5, .25
+    cool = {t: (4, c) for t, c in zip(ids, (2, 3, 4, 1))}   # kl 1: .5, .75, 1, .25
+    policy = {t: (4, c) for t, c in zip(ids, (1, 2, 4, 0))}  # .25, .5, 1, 0
+    d = versus_tempered(policy, 0.5, [(0.0, warm), (1.0, cool)], n_boot=1000)
+    # the reference at kl 0.5: .25, .5, .75, .25; policy minus it: 0, 0, .25, -.25
+    assert d["pass@1"] == pytest.approx(0.0) and not d["beyond"] and d["kl"] == 0.5
+    assert d["ci"][0] <= 0 <= d["ci"][1]
+    far = versus_tempered(policy, 3.0, [(0.0, warm), (1.0, cool)], n_boot=1000)  # past the coolest: against it
+    assert far["beyond"] and far["pass@1"] == pytest.approx((0.25 + 0.5 + 1 + 0) / 4 - (0.5 + 0.75 + 1 + 0.25) / 4)
+
+
+def test_kl_to_the_reference_is_zero_for_the_reference_itself_and_positive_for_another(toy_out, tmp_path):
+    """evaluate.py --ref: each sample's log-prob under the reference (the same tokens, the
+    reference's temperature) and the model's KL to it: 0 for the reference itself, sampled at its
+    own temperature; > 0 for the reference sampled cooler (the sampled estimate of KL(pi_T || pi_ref))."""
+    import shutil
+    for f in ("sft.pt", "tasks"):
+        (shutil.copytree if f == "tasks" else shutil.copy)(toy_out / f, tmp_path / f)
+    args = ["--out_dir", str(tmp_path), "--problems", str(tmp_path / "tasks" / "test.jsonl"), "--device=cpu",
+            "--n=4", "--max_new_tokens=8", "--val_iters=0", "--k=1", "--workers=1", "--ref", str(tmp_path / "sft.pt")]
+    evaluate.main(["--ckpt", str(tmp_path / "sft.pt"), "--model_name", "sft", "--sweep=0.3,0.8", *args])
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["models"]["sft"]["kl_ref"] == pytest.approx(0.0, abs=1e-4)
+    rows = {r["temperature"]: r for r in results["temperature_sweep"]["rows"]}
+    assert rows[0.3]["kl_ref"] > 0.01 and rows[0.8]["kl_ref"] == pytest.approx(0.0, abs=1e-4)
+    samples = evaluate.read_jsonl(tmp_path / "eval" / "sft_samples.jsonl")
+    assert all(s["sum_logprob"] == pytest.approx(s["ref_logprob"], abs=1e-4) and "tokens" not in s for s in samples)

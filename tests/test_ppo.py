@@ -48,46 +48,39 @@ def test_shaped_rewards_hand_example():
     logp = torch.tensor([[-1.0, -2.0, -0.5], [-0.3, -0.7, 0.0]])
     ref_logp = torch.tensor([[-1.5, -1.0, -0.5], [-0.5, -0.2, 0.0]])
     mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
-    score = torch.tensor([2.0, 0.5])
-    no_stop = torch.tensor([False, True])
-    rewards, kl = ppo.shaped_rewards(logp, ref_logp, score, no_stop, mask, kl_coef=0.1, no_stop_penalty=1.0)
-    # row 0: kl = [0.5, -1.0, 0.0]; rewards = -0.1 * kl, plus the score 2.0 at the last token
-    # row 1: kl = [0.2, -0.5]; the last (2nd) token gets 0.05 + 0.5 - 1.0 (never stopped)
+    terminal = ppo.terminal_reward(torch.tensor([2.0, 0.5]), torch.tensor([False, True]), no_stop_penalty=1.0)
+    assert torch.allclose(terminal, torch.tensor([2.0, -0.5]))  # row 1 never stopped: 0.5 - 1.0
+    rewards, kl = ppo.shaped_rewards(logp, ref_logp, terminal, mask, kl_coef=0.1)
+    # row 0: kl = [0.5, -1.0, 0.0]; rewards = -0.1 * kl, plus the terminal 2.0 at the last token
+    # row 1: kl = [0.2, -0.5]; the last (2nd) token gets 0.05 - 0.5
     assert torch.allclose(kl, torch.tensor([[0.5, -1.0, 0.0], [0.2, -0.5, 0.0]]))
-    assert torch.allclose(rewards, torch.tensor([[-0.05, 0.1, 2.0], [-0.02, 0.05 + 0.5 - 1.0, 0.0]]))
+    assert torch.allclose(rewards, torch.tensor([[-0.05, 0.1, 2.0], [-0.02, 0.05 - 0.5, 0.0]]))
 
 
-def test_shaped_rewards_with_the_score_split_over_tokens():
-    logp = torch.tensor([[-1.0, -2.0, -0.5], [-0.3, -0.7, 0.0]])
-    ref_logp = torch.tensor([[-1.5, -1.0, -0.5], [-0.5, -0.2, 0.0]])
-    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
-    score = torch.tensor([2.0, 0.5])
-    no_stop = torch.tensor([False, True])
-    split = torch.tensor([[0.3, 0.4, 0.5], [0.1, 0.2, 7.0]])  # row 1's third column is padding
-    rewards, kl = ppo.shaped_rewards(logp, ref_logp, score, no_stop, mask, kl_coef=0.1, no_stop_penalty=1.0,
-                                     score_tokens=split)
-    # row 0: -0.1 * kl = [-0.05, 0.1, 0.0] + the split [0.3, 0.4, 0.5], the last token also gets the
-    #        rest of the score, 2.0 - 1.2 = 0.8
-    # row 1: -0.1 * kl = [-0.02, 0.05] + [0.1, 0.2]; the last real token gets 0.5 - 0.3 - 1.0
-    assert torch.allclose(rewards, torch.tensor([[0.25, 0.5, 0.5 + 0.8], [0.08, 0.25 + 0.2 - 1.0, 0.0]]))
-    # every row's rewards sum to what the terminal-only rewards sum to: only where they arrive moves
-    plain, _ = ppo.shaped_rewards(logp, ref_logp, score, no_stop, mask, kl_coef=0.1, no_stop_penalty=1.0)
-    assert torch.allclose(rewards.sum(1), plain.sum(1))
+def test_leave_one_out_baseline_hand_example():
+    # two prompts x k = 3 completions: each reward minus the mean of its group's other two
+    r = torch.tensor([1.0, 0.0, 0.5, 0.2, 0.2, 0.8])
+    # group 0: 1 - (0 + 0.5)/2 = 0.75, 0 - (1 + 0.5)/2 = -0.75, 0.5 - (1 + 0)/2 = 0
+    # group 1: 0.2 - (0.2 + 0.8)/2 = -0.3 (twice), 0.8 - 0.2 = 0.6
+    assert torch.allclose(ppo.leave_one_out(r, 3), torch.tensor([0.75, -0.75, 0.0, -0.3, -0.3, 0.6]))
+    assert torch.allclose(ppo.leave_one_out(r, 3), 3 / 2 * (r - r.view(2, 3).mean(1).repeat_interleave(3)))
+    assert torch.equal(ppo.leave_one_out(r, 1), r)  # one sample per prompt: no baseline
+    # a group whose completions all earn the same gets no signal, whatever the level
+    assert torch.equal(ppo.leave_one_out(torch.tensor([0.4, 0.4, 0.4, 0.4]), 4), torch.zeros(4))
 
 
-def test_token_credit_maps_the_rm_outputs_to_the_sampled_tokens_by_bytes():
-    token_bytes = {1: 2, 2: 1, 3: 3, 4: 3, 5: 3, 9: 0}  # 9: the end of text (no bytes)
-    # the RM reads the same tokens: output j to token j, the end of text's to the last token
-    assert ppo.token_credit([0.4, 0.8, 1.2, 2.0], [1, 2, 3], [1, 2, 3, 9], token_bytes) == \
-        pytest.approx([0.1, 0.2, 0.3, 0.5])
-    # another segmentation of the same 6 bytes: RM token 4 ends at byte 3 (sampled token 2's last
-    # byte), RM token 5 at byte 6 (token 3's)
-    assert ppo.token_credit([0.3, 0.6, 0.9], [4, 5], [1, 2, 3, 9], token_bytes) == pytest.approx([0.0, 0.1, 0.2, 0.3])
-    # the completion is cut before a stop string: the tokens that complete it get only the end
-    # of text's share (here the last one)
-    assert ppo.token_credit([0.2, 1.0], [1], [1, 2, 3], token_bytes) == pytest.approx([0.1, 0.0, 0.5])
-    # an empty completion: everything on the last token
-    assert ppo.token_credit([0.7], [], [3, 9], token_bytes) == pytest.approx([0.0, 0.7])
+def test_climb_hand_example():
+    up = ppo.climb([0.0, 1.0, 5.0, 3.0, 4.0, 6.0], 2)
+    # first two: mean 0.5, var 0.5; last two: mean 5, var 2; se = sqrt(0.5 / 2 + 2 / 2)
+    assert up == pytest.approx({"first": 0.5, "last": 5.0, "diff": 4.5, "se": math.sqrt(1.25)})
+
+
+def test_prompts_are_met_once_before_any_repeats():
+    order = ["a", "b", "c", "d", "e"]
+    assert ppo.prompt_batch(order, 0, 2) == (["a", "b"], 0.0)
+    assert ppo.prompt_batch(order, 1, 2) == (["c", "d"], 0.0)
+    assert ppo.prompt_batch(order, 2, 2) == (["e", "a"], 0.5)  # the shuffle starts again
+    assert ppo.prompt_batch(order, 3, 2) == (["b", "c"], 1.0)
 
 
 def test_whiten_is_masked():
@@ -193,8 +186,8 @@ def small_config(**kw):
 
 
 def test_rollout_logprobs_equal_a_fresh_forward_pass(out_dir):
-    """The log-probs that the update uses as pi_old (recomputed on the padded batch) equal both the
-    sampler's own and those of an unpadded forward pass of each row alone."""
+    """The log-probs that the update uses as pi_old (the sampler's own) equal both a forward pass
+    over the padded batch (what the update computes) and one of each row alone, unpadded."""
     policy, ref, value_model, reward_model, ckpt = ppo.load_models(*ppo.model_paths(ppo.Config(), out_dir), "cpu")
     enc = tokenizer.from_state(ckpt["tokenizer"])
     problems = {p["task_id"]: p for p in PROBLEMS}
@@ -204,9 +197,11 @@ def test_rollout_logprobs_equal_a_fresh_forward_pass(out_dir):
     mask = batch["mask"]
     assert mask.sum(1).min() >= 1 and mask.sum(1).max() == mask.shape[1]
     assert len(set(mask.sum(1).tolist())) > 1  # rows of different lengths: the padding is exercised
-    assert torch.allclose(batch["logp"], batch["sample_logp"], atol=1e-5)
-    assert torch.equal(batch["ref_logp"], batch["logp"])  # policy == reference before any update
+    # pi_old is the sampler's own log-probs: equal to the policy's forward pass over the packed batch
     _, pad_id = tokenizer.special_ids(enc)
+    forward = ppo.response_logprobs(policy, batch["seq"], batch["valid"], batch["P"], 0.8, pad_id)
+    assert torch.allclose(batch["logp"], forward, atol=1e-5)
+    assert torch.allclose(batch["ref_logp"], batch["logp"], atol=1e-5)  # policy == reference before any update
     P = batch["P"]
     for b, tid in enumerate(problems):
         prompt = enc.encode_ordinary(problems[tid]["prompt"])
@@ -225,36 +220,6 @@ def test_rollout_logprobs_equal_a_fresh_forward_pass(out_dir):
     # the RM score is reward.py's convention (prompt + completion text + end of text)
     from reward import score_samples
     assert torch.allclose(batch["score"], torch.tensor(score_samples(reward_model, enc, problems, batch["samples"])))
-
-
-def test_token_reward_splits_the_rm_score_over_the_sampled_tokens(out_dir, tmp_path):
-    """--token_reward: each rollout's score_tokens sum to its RM score, sit on its real tokens only,
-    and put each RM output on the token that produced it (the same tokens here: the RM re-encodes
-    the sampled text as the sampler's tokens); a last-token RM is refused."""
-    rm, ckpt = load_checkpoint(out_dir / "rm.pt")
-    rm.config = dataclasses.replace(rm.config, pool="mean", loglik=True)
-    save_checkpoint(tmp_path / "rm_mean.pt", rm, tokenizer=ckpt["tokenizer"], stage="reward", step=0)
-    cfg = small_config(temperature=0.8, max_new_tokens=24, token_reward=True, rm=str(tmp_path / "rm_mean.pt"))
-    policy, ref, value_model, reward_model, ckpt = ppo.load_models(*ppo.model_paths(cfg, out_dir), "cpu")
-    enc = tokenizer.from_state(ckpt["tokenizer"])
-    problems = {p["task_id"]: p for p in PROBLEMS}
-    batch = ppo.rollout(policy, ref, value_model, reward_model, enc, problems, list(problems), cfg,
-                        torch.Generator().manual_seed(0))
-    split, mask = batch["score_tokens"], batch["mask"]
-    assert torch.allclose(split.sum(1), batch["score"], atol=1e-5)
-    assert (split[mask == 0] == 0).all() and (split[mask == 1] != 0).any()
-    from reward import score_samples
-    _, outputs = score_samples(reward_model, enc, problems, batch["samples"], per_token=True)
-    checked = 0
-    for b, o in enumerate(outputs):
-        n_text = len(enc.encode_ordinary(batch["samples"][b]["completion"]))
-        sampled = batch["seq"][b, batch["P"]:batch["P"] + n_text].tolist()
-        if sampled == enc.encode_ordinary(batch["samples"][b]["completion"]) and n_text < int(mask[b].sum()):
-            assert split[b, :n_text].tolist() == pytest.approx([x / len(o) for x in o[:-1]], abs=1e-6)
-            checked += 1
-    assert checked > 0
-    with pytest.raises(SystemExit):
-        ppo.train(small_config(token_reward=True), out_dir)  # rm.pt pools "last"
 
 
 def test_value_model_reads_only_the_head_of_a_loglik_reward_model(out_dir, tmp_path):
@@ -300,7 +265,7 @@ def test_ptx_gradient_is_the_sum_of_the_ppo_and_lm_gradients(out_dir):
     loss.backward()
     combined = grads()
     assert "ptx_loss" in stats
-    logp, _ = ppo.response_logprobs(policy, batch["seq"][rows], batch["valid"][rows], batch["P"], cfg.temperature, pad_id)
+    logp = ppo.response_logprobs(policy, batch["seq"][rows], batch["valid"][rows], batch["P"], cfg.temperature, pad_id)
     pg_loss, _, _ = ppo.policy_loss(logp, batch["logp"][rows], batch["advantages"][rows], batch["mask"][rows], cfg.clip)
     pg_loss.backward()
     g_ppo = grads()
@@ -320,7 +285,7 @@ def test_ptx_gradient_is_the_sum_of_the_ppo_and_lm_gradients(out_dir):
 
 
 def test_smoke_run_and_exact_resume(out_dir):
-    """Two iterations end to end (rollout, update with ptx, log, checkpoint, results.json, CSV);
+    """Two iterations end to end (rollout, update with ptx, log, checkpoint, results.json);
     an interrupted run resumed from its checkpoint ends with the same weights."""
     cfg = small_config(ptx_coef=0.5, adaptive_kl=True, gold=True, workers=1)
     history = ppo.train(cfg, out_dir)
@@ -335,8 +300,9 @@ def test_smoke_run_and_exact_resume(out_dir):
     log = [json.loads(line) for line in (out_dir / "logs" / "ppo_test.jsonl").read_text().splitlines()]
     assert [r["iter"] for r in log] == [0, 1]
     results = json.loads((out_dir / "results.json").read_text())
-    assert set(results["models"]["ppo_test"]) == {"kl", "rm_score"}
-    assert (out_dir / "ppo_test_overoptimization.csv").read_text().startswith("iter,kl,rm_score,gold_pass")
+    assert set(results["models"]["ppo_test"]) == {"reward", "kl", "rm_score", "gold_pass", "gold_frac", "climb",
+                                                  "gold_climb"}
+    assert results["models"]["ppo_test"]["climb"]["of"] == "rm_score"
     straight = torch.load(out_dir / "ppo_test.pt", weights_only=False)
     assert straight["stage"] == "ppo" and straight["step"] == 2
     load_checkpoint(out_dir / "ppo_test.pt")  # loadable as a plain language model by evaluate.py
@@ -409,31 +375,51 @@ def test_kl_sweep_writes_one_row_per_beta(out_dir, tmp_path):
     assert not results.exists() or not any("kl_sweep" in m for m in json.loads(results.read_text()).get("models", {}))
 
 
-def test_minibatch_in_length_sorted_parts_equals_one_pass(out_dir):
-    """minibatch_loss runs the policy and value model over two length-sorted halves of the
-    minibatch (less padding): the loss, its stats and both models' gradients equal one pass."""
-    policy, ref, value_model, reward_model, ckpt = ppo.load_models(*ppo.model_paths(ppo.Config(), out_dir), "cpu")
-    enc = tokenizer.from_state(ckpt["tokenizer"])
-    _, pad_id = tokenizer.special_ids(enc)
-    problems = {p["task_id"]: p for p in PROBLEMS}
-    cfg = small_config(max_new_tokens=24)
-    batch = ppo.rollout(policy, ref, value_model, reward_model, enc, problems, list(problems) * 2, cfg,
-                        torch.Generator().manual_seed(2))
-    assert len(set(batch["mask"].sum(1).tolist())) > 2  # responses of several lengths
-    batch["advantages"] = ppo.whiten(torch.randn_like(batch["mask"]), batch["mask"])
-    batch["returns"] = torch.randn_like(batch["mask"]) * batch["mask"]
-    with torch.no_grad():
-        for p in policy.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    rows = torch.tensor([5, 0, 7, 2, 3, 6])
-    out = []
-    for parts in (1, 2, 3):
-        loss, stats = ppo.minibatch_loss(policy, value_model, batch, rows, None, cfg, pad_id, parts=parts)
-        loss.backward()
-        grads = [p.grad.clone() for m in (policy, value_model) for p in m.parameters() if p.grad is not None]
-        policy.zero_grad(set_to_none=True), value_model.zero_grad(set_to_none=True)
-        out.append((loss, stats, grads))
-    for loss, stats, grads in out[1:]:
-        assert torch.allclose(loss, out[0][0], atol=1e-6)
-        assert all(torch.allclose(stats[k], out[0][1][k], atol=1e-6) for k in stats)
-        assert len(grads) == len(out[0][2]) and all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads, out[0][2]))
+HAND = {"task_id": "hand/0", "prompt": "def f(x):\n", "entry_point": "f", "canonical_solution": "    return 2 * x\n",
+        "test": "def check(candidate):\n" + "".join(f"    assert candidate({x}) == {2 * x}\n" for x in (0, 1, 2, 3))}
+
+
+def test_exec_reward_is_the_labelers_score_on_a_hand_example():
+    """The labeler (reward.label, what reward.py ranks by and ppo.py --reward=exec optimises) scores
+    a completion by the fraction of the test's asserts that pass."""
+    from reward import label
+    completions = ["    return 2 * x\n",                       # all 4 asserts
+                   "    return 2 * x if x < 3 else 0\n",       # 3 of 4
+                   "    return x\n",                           # only f(0) == 0: 1 of 4
+                   "    import sys; sys.exit(0)\n",            # exits before check() returns
+                   "    return (\n"]                           # a syntax error
+    scores, rows = label({"hand/0": HAND}, [{"task_id": "hand/0", "completion": c} for c in completions])
+    assert scores == [1.0, 0.75, 0.25, 0.0, 0.0]
+    assert [r["passed"] for r in rows] == [True, False, False, False, False]
+
+
+def test_exec_run_optimises_the_fraction_of_tests_passed(out_dir):
+    """--reward=exec: each iteration's mean reward is the rollouts' mean fraction of tests passed
+    (the labeler's score, logged as gold_frac) minus the no-stop penalty and the KL penalty; no RM
+    score is computed; results.json records the climb of gold_frac."""
+    cfg = small_config(reward="exec", run_name="ppo_exec_test", workers=1, eval_iters=0)
+    history = ppo.train(cfg, out_dir)
+    for r in history:
+        assert r["rm_score"] is None and 0 <= r["gold_frac"] <= 1
+        expected = r["gold_frac"] - cfg.no_stop_penalty * r["no_stop"] - r["kl_coef"] * r["kl"]
+        assert r["reward"] == pytest.approx(expected, abs=1e-5)
+    m = json.loads((out_dir / "results.json").read_text())["models"]["ppo_exec_test"]
+    assert m["reward"] == "exec" and m["climb"]["of"] == "gold_frac" and "rm_score" not in m
+
+
+def test_samples_per_prompt_runs_k_samples_of_each_prompt_with_a_leave_one_out_baseline(out_dir, monkeypatch):
+    """--samples_per_prompt=2: each iteration samples 2 completions of each of batch_size / 2
+    prompts (consecutive rows), prompts are met once before any repeats, and the leave-one-out
+    baseline leaves every group's terminal rewards summing to 0, so the mean reward is the KL term."""
+    seen = []
+    rollout = ppo.rollout
+    monkeypatch.setattr(ppo, "rollout", lambda *a, **kw: seen.append(a[6]) or rollout(*a, **kw))
+    cfg = small_config(samples_per_prompt=2, run_name="ppo_k2_test", iterations=3, gold=True, workers=1,
+                       eval_iters=0)
+    history = ppo.train(cfg, out_dir)
+    assert len(seen) == 3 and all(len(ids) == 4 and ids[0] == ids[1] and ids[2] == ids[3] != ids[0] for ids in seen)
+    firsts = [ids[j] for ids in seen for j in (0, 2)]
+    assert len(set(firsts[:4])) == 4  # the 4 prompts once each, then the shuffle starts again
+    assert [r["seen"] for r in history] == [0.0, 0.0, 1.0]
+    for r in history:
+        assert r["reward"] == pytest.approx(-r["kl_coef"] * r["kl"], abs=1e-5)
