@@ -8,8 +8,8 @@ import torch.nn.functional as F
 
 import reward
 import tokenizer as tok
-from model import GPT, GPTConfig, load_checkpoint, save_checkpoint, score_sequences
-from reward import batch_loss, rm_loss
+from model import GPT, GPTConfig, load_checkpoint, save_checkpoint
+from reward import batch_loss, rm_loss, score_sequences
 
 TEXTS = ["def add(a, b):\n    return a + b\n", "def neg(x):\n    \"\"\"Negate x.\"\"\"\n    return -x\n"] * 20
 
