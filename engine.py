@@ -1,4 +1,4 @@
-"""The fast sampler the stages use: model.generate's contract (the same arguments and Generation)
+"""The fast sampler the stages use: model.generate's contract (its arguments, and a Generation back)
 at the speed a 2-core CPU needs. tests/test_generate.py checks it against model.generate and
 against the distribution temperature / top-k / top-p define; docs/SPEED.md has the measurements.
 

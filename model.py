@@ -45,9 +45,9 @@ class KVCache:
 
     One (B, H, max_len, D) tensor per layer for keys and one for values, max_len = prompt + new
     tokens (no more): the positions filled so far, [:, :, :length], are one contiguous run per
-    (row, head) that attention reads in place. Reading the cache is what bounds a decode step on a
-    CPU (64 rows x 128 positions x 4 layers of fp32 keys and values: up to 32 MB a step), so it is
-    never copied per step (HF's DynamicCache concatenates, i.e. copies, every layer every step).
+    (row, head) that attention reads in place, never copied per step (reading the cache is what
+    bounds a decode step on a CPU: 64 rows x 128 positions x 4 layers of fp32 keys and values are
+    up to 32 MB a step).
 
     `valid[b, t]` is False where row b holds left-padding, so padded keys are never attended to
     (`padded` says whether any row has some); `next_pos[b]` is the position id (for the learned
@@ -301,8 +301,8 @@ def sample_token(logits, temperature=1.0, top_k=None, top_p=None, uniform=None):
 
     top-k keeps the k most likely tokens; top-p (nucleus, Holtzman et al. 2019) the shortest run of
     most likely tokens whose probability reaches top_p. The token is where the running sum of the
-    kept probabilities, sorted, first exceeds uniform[:, 0] times their total (`uniform` (B, 2)
-    float64 in [0, 1), one row per row; the second column is for engine.sample_next's draws)."""
+    kept probabilities, sorted, first exceeds uniform[:, 0] times their total: `uniform` (B, 2),
+    float64 in [0, 1), as engine.sample_next draws them (it uses the second column too)."""
     logits = logits.float()
     if temperature == 0:
         tok = logits.argmax(-1)
@@ -394,15 +394,9 @@ def save_checkpoint(path, model, *, tokenizer, stage, step, config=None, optimiz
     tokenizer: the JSON-able state from tokenizer.to_state(enc); config: the stage's run config."""
     model = getattr(model, "_orig_mod", model)   # torch.compile wrapper
     model = getattr(model, "module", model)      # DDP wrapper
-    ckpt = {
-        "model_config": dataclasses.asdict(model.config),
-        "head": model.config.head,
-        "model": model.state_dict(),
-        "tokenizer": tokenizer,
-        "stage": stage,
-        "step": step,
-        "config": dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config,
-    }
+    ckpt = {"model_config": dataclasses.asdict(model.config), "head": model.config.head,
+            "model": model.state_dict(), "tokenizer": tokenizer, "stage": stage, "step": step,
+            "config": dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config}
     if optimizer is not None:
         ckpt["optimizer"] = optimizer.state_dict()
     if extra:
