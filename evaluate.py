@@ -47,7 +47,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from data.tasks import read_jsonl, read_problems, write_jsonl  # noqa: E402
-from model import sample_completions  # noqa: E402
+from engine import sample_completions  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- pass@k

@@ -62,7 +62,8 @@ from tqdm import tqdm
 
 import common
 from data.tasks import load_problems
-from model import STOP, generate, load_checkpoint, sample_completions, save_checkpoint
+from engine import STOP, generate, sample_completions
+from model import load_checkpoint, save_checkpoint
 from reward import label, score_samples
 from tokenizer import special_ids
 

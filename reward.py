@@ -42,7 +42,8 @@ from tqdm import tqdm
 
 import common
 from data.tasks import load_problems
-from model import POOLS, load_checkpoint, sample_completions, save_checkpoint, score_sequences
+from engine import distinct_rows, sample_completions
+from model import POOLS, KVCache, cache_dtype, load_checkpoint, pad_left, save_checkpoint
 from sft import split_holdout
 from tokenizer import special_ids
 
@@ -127,9 +128,75 @@ def rm_sequence(enc, prompt, completion, block_size, eot_id):
     return p + c + [eot_id], len(p)
 
 
-def score(rm, seqs, pad_id, per_token=False):
-    """r(x, y) of each (tokens, start) from rm_sequence: model.score_sequences."""
-    return score_sequences(rm, [t for t, _ in seqs], pad_id, [s for _, s in seqs], per_token)
+def pad_right(seqs, pad_id, device="cpu"):
+    """Right-pad token lists into (B, T) ids; returns (idx, lengths). With a causal model, padding
+    after a row's end never changes that row's outputs, so no attention mask is needed."""
+    lengths = torch.tensor([len(s) for s in seqs], device=device)
+    idx = torch.full((len(seqs), int(lengths.max())), pad_id, dtype=torch.long, device=device)
+    for b, s in enumerate(seqs):
+        idx[b, :len(s)] = torch.tensor(s, dtype=torch.long)
+    return idx, lengths
+
+
+def score_sequences(model, seqs, pad_id, starts=None):
+    """The reward model's score r(x, y) of each seqs[i] = prompt + completion + [end of text]
+    (docs/DESIGN.md), from the scalar head's per-token outputs as model.config.pool says:
+    - "last": the output at the last token (InstructGPT §3.5);
+    - "mean": the mean of the outputs over the completion and the end of text, positions
+      starts[i] .. len(seqs[i]) - 1 (starts[i] = the number of prompt tokens).
+    Rows that share a prompt (reward.py's K completions of one prompt, n samples of a problem) run
+    that prompt through the model once (`_score_shared_prompts`). Differentiable; wrap in no_grad
+    to score."""
+    mean = model.config.pool == "mean"
+    if mean and starts is None:
+        raise ValueError("pool='mean' needs starts: where each completion begins")
+    device = next(model.parameters()).device
+    out = None
+    if mean and min(starts) >= 2:
+        out = _score_shared_prompts(model, seqs, pad_id, starts, device)
+    if out is None:
+        idx, lengths = pad_right(seqs, pad_id, device)
+        if not mean:
+            values, _ = model(idx)
+            return values.float()[torch.arange(len(seqs), device=idx.device), lengths - 1]
+        starts = torch.as_tensor(starts, device=idx.device)
+        pos = torch.arange(idx.shape[1], device=idx.device)[None]
+        on = (pos >= starts[:, None]) & (pos < lengths[:, None])
+        values, _ = model(idx, logits_at=on & (pos > 0))  # loglik: logits for the pooled tokens only
+        out = values.float(), on
+    values, on = out
+    return (values * on).sum(1) / on.sum(1)
+
+
+def _score_shared_prompts(model, seqs, pad_id, starts, device):
+    """score_sequences' mean pool with each distinct prompt computed once: the prompt without its
+    last token goes through the model into a KV cache (left-padded, one row per distinct prompt),
+    the cache rows are copied out to the rows that share them, then each row's rest (the prompt's
+    last token, the completion, the end of text; right-padded) attends to it. The same outputs as
+    the whole sequences (up to floating-point order), gradients included: a prompt shared by K
+    completions costs one prompt instead of K. None if no prompt repeats, or if the layout would not
+    fit the context. Returns (outputs (B, T) fp32, pooled mask (B, T)) of the rows' rests."""
+    distinct, row_of = distinct_rows([s[:st - 1] for s, st in zip(seqs, starts)])
+    rests = [s[st - 1:] for s, st in zip(seqs, starts)]
+    P, T = max(map(len, distinct)), max(map(len, rests))
+    if len(distinct) == len(seqs) or P + T > model.config.block_size:
+        return None
+    row_of = torch.tensor(row_of, device=device)
+    idx, valid = pad_left(distinct, pad_id, device)
+    cache = KVCache(model.config, len(distinct), P + T, device, cache_dtype(model))
+    model(idx, valid=None if bool(valid.all()) else valid, cache=cache, logits_at=torch.zeros_like(valid))
+    cache.keep(row_of)
+    idx, lengths = pad_right(rests, pad_id, device)
+    pos = torch.arange(T, device=device)[None]
+    real = pos < lengths[:, None]
+    on = real & (pos > 0)  # pooled: everything after the prompt's last token
+    values, _ = model(idx, valid=real, cache=cache, logits_at=on)
+    return values.float(), on
+
+
+def score(rm, seqs, pad_id):
+    """r(x, y) of each (tokens, start) from rm_sequence: score_sequences."""
+    return score_sequences(rm, [t for t, _ in seqs], pad_id, [s for _, s in seqs])
 
 
 def batch_loss(rm, groups, pad_id):
@@ -148,11 +215,9 @@ def batch_loss(rm, groups, pad_id):
 
 
 @torch.no_grad()
-def score_samples(rm, enc, problems, samples, batch_size=64, progress=False, per_token=False):
+def score_samples(rm, enc, problems, samples, batch_size=64, progress=False):
     """The RM score of each sample ({task_id, completion}) under its problem's prompt, in order.
-    Batched (sequences sorted by length) and without gradients. per_token=True (a mean-pooled RM)
-    returns (scores, per-token outputs): for each sample a list, one value per completion token of
-    rm_sequence and one for the end of text, whose mean is its score."""
+    Batched (sequences sorted by length) and without gradients."""
     eot_id, pad_id = special_ids(enc)
     block = rm.config.block_size
     seqs = []
@@ -161,20 +226,15 @@ def score_samples(rm, enc, problems, samples, batch_size=64, progress=False, per
             raise KeyError(f"sample task_id {s['task_id']!r} is not in the problem file")
         seqs.append(rm_sequence(enc, problems[s["task_id"]]["prompt"], s["completion"], block, eot_id))
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]))
-    out, tokens = [0.0] * len(seqs), [None] * len(seqs)
+    out = [0.0] * len(seqs)
     was_training = rm.training
     rm.eval()
     for b in tqdm(range(0, len(order), batch_size), desc="rm score", disable=not progress, leave=False):
         rows = order[b:b + batch_size]
-        scores = score(rm, [seqs[i] for i in rows], pad_id, per_token)
-        if per_token:
-            scores, per = scores
-            for i, t in zip(rows, per):
-                tokens[i] = t.tolist()
-        for i, r in zip(rows, scores.tolist()):
+        for i, r in zip(rows, score(rm, [seqs[i] for i in rows], pad_id).tolist()):
             out[i] = r
     rm.train(was_training)
-    return (out, tokens) if per_token else out
+    return out
 
 
 # ----------------------------------------------------------------------------- comparisons file

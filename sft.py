@@ -26,7 +26,8 @@ from tqdm import tqdm
 
 import common
 from data.tasks import load_problems
-from model import load_checkpoint, sample_completions, save_checkpoint
+from engine import sample_completions
+from model import load_checkpoint, save_checkpoint
 from tokenizer import special_ids
 
 

@@ -1,4 +1,4 @@
-"""Our sampler (model.generate) side by side with HF transformers' GPT2LMHeadModel.generate, same
+"""Our sampler (engine.generate) side by side with HF transformers' GPT2LMHeadModel.generate, same
 shapes, random weights, in one process: tokens/s of each and their ratio.
 
 Both models have the same size (n_layer, n_head, n_embd, vocab, positions), both keep a KV cache and
@@ -17,8 +17,6 @@ Needs the optional `transformers` package (not a project requirement):
 (run.sh sets the same environment: glibc keeps freed blocks, OpenMP threads sleep while waiting.)
 On a 2-core machine shared with other jobs the per-repeat ratio varies a lot (1.3x to 2.4x seen at
 the tiny shape); --threads 1 takes the waits for a descheduled second OpenMP thread out of it.
---compile times generate(compile=True) (a static cache over the whole block_size: for CUDA graphs;
-slower than eager on a CPU).
 """
 import argparse
 import statistics
@@ -30,7 +28,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from model import GPT, GPTConfig, generate  # noqa: E402
+from engine import generate  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
 
 PRESETS = {  # pretrain.py's model shapes, with the vocabulary sizes the tokenizers are trained to
     "tiny": dict(n_layer=4, n_head=4, n_embd=128, vocab_size=4096, block_size=256),
@@ -62,7 +61,6 @@ def main():
     ap.add_argument("--new_tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5, help="timed runs of each (after one warm-up each)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    ap.add_argument("--compile", action="store_true", help="ours with generate(compile=True)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
@@ -82,7 +80,7 @@ def main():
     g = torch.Generator().manual_seed(args.seed)
 
     def run_ours():
-        gen = generate(ours, prompt_lists, N, temperature=1.0, generator=g, compile=args.compile)
+        gen = generate(ours, prompt_lists, N, temperature=1.0, generator=g)
         assert all(len(t) == N for t in gen.tokens)
 
     def run_hf():
@@ -101,8 +99,8 @@ def main():
     n_hf = sum(p.numel() for p in theirs.parameters())
     print(f"shape: {cfg.n_layer} layers x {cfg.n_embd} ({cfg.n_head} heads), vocab {cfg.vocab_size}, "
           f"batch {B}, prompt {P} + {N} new tokens; params ours {n_ours / 1e6:.2f}M, HF {n_hf / 1e6:.2f}M; "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads" + (", ours compiled" if args.compile else ""))
-    timed(run_ours), timed(run_hf)  # warm-up (and compilation)
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    timed(run_ours), timed(run_hf)  # warm-up
     rows = []
     for r in range(args.repeats):
         order = (run_ours, run_hf) if r % 2 == 0 else (run_hf, run_ours)

@@ -22,7 +22,8 @@ sys.path.insert(0, str(ROOT))
 import ppo  # noqa: E402
 import tokenizer as tok  # noqa: E402
 from data.tasks import load_problems  # noqa: E402
-from model import load_checkpoint, sample_completions  # noqa: E402
+from engine import sample_completions  # noqa: E402
+from model import load_checkpoint  # noqa: E402
 from reward import score_samples  # noqa: E402
 
 

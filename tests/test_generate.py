@@ -1,6 +1,16 @@
-"""The sampler (model.sample_next, model.generate): draws follow exactly the distribution that
-temperature / top-k / top-p define, the stop-string automaton agrees with searching the text, and
-every decoding path (KV cache, static cache, compiled) gives the naive sampler's tokens and log-probs."""
+"""The fast sampler (engine.py) against the plain one (model.generate, model.sample_token) and
+against the maths: draws of both samplers follow exactly the distribution that temperature / top-k /
+top-p define, the stop-string automaton agrees with searching the text, the engine's KV-cache path
+gives its naive path's tokens and log-probs (rows leaving the batch, prompts prefilled once), and
+the engine gives the plain generate's tokens: greedy always, sampled token for token where both
+map a row's uniform numbers to a token the same way (top-k: the sorted candidates' running sums).
+
+Why the rest of sampling is compared by distribution: for the full distribution and for a nucleus
+that sure_nucleus settles without sorting, the engine inverts running sums in vocabulary order in
+two levels with two uniform numbers; the plain sampler inverts the sorted probabilities' running sum
+with one. The same uniforms then pick different tokens of the same distribution. And once rows
+finish, the engine drops them from the batch, so it draws fewer uniform numbers per step than the
+plain generate, which keeps every row to the end: the two streams part there."""
 import math
 import random
 
@@ -8,8 +18,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import engine
 import model
-from model import GPT, GPTConfig, StopStrings, generate, sample_next
+from engine import StopStrings, generate, sample_next
+from model import GPT, GPTConfig, sample_token
 
 
 def tiny_model(seed=0, **kw):
@@ -48,12 +60,21 @@ def target_distribution(logits, temperature, top_k=None, top_p=None):
     return q / q.sum()
 
 
-def draw_counts(logits, n, chunk, seed, **kw):
+def plain_sample(logits, generator=None, **kw):
+    """model.sample_token with its uniform numbers drawn as engine.sample_next draws them."""
+    uniform = torch.rand(logits.shape[0], 2, dtype=torch.float64, generator=generator)
+    return sample_token(logits, uniform=uniform, **kw)
+
+
+SAMPLERS = {"fast": sample_next, "plain": plain_sample}
+
+
+def draw_counts(logits, n, chunk, seed, sampler=sample_next, **kw):
     g = torch.Generator().manual_seed(seed)
     counts = torch.zeros(logits.numel(), dtype=torch.long)
     for s in range(0, n, chunk):
         rows = logits.expand(min(chunk, n - s), -1)
-        tok, logp = sample_next(rows, generator=g, **kw)
+        tok, logp = sampler(rows, generator=g, **kw)
         counts += torch.bincount(tok, minlength=logits.numel())
         # the log-prob returned is the one under softmax(logits / T), before any truncation
         full = F.log_softmax(logits[0].double() / kw["temperature"], -1)
@@ -68,15 +89,18 @@ CASES = [(10, 1.0, None, None), (10, 0.7, None, None), (10, 1.3, 3, None), (10, 
          (300, 1.0, None, 0.5)]
 
 
+@pytest.mark.parametrize("sampler", SAMPLERS)
 @pytest.mark.parametrize("V,temperature,top_k,top_p", CASES)
-def test_draws_follow_the_target_distribution(V, temperature, top_k, top_p):
+def test_draws_follow_the_target_distribution(V, temperature, top_k, top_p, sampler):
     """Chi-square and every token's frequency within 5 standard errors of its target probability;
-    tokens outside the support (truncated, or -inf) are never drawn."""
+    tokens outside the support (truncated, or -inf) are never drawn. For the fast sampler and the
+    plain one."""
     g = torch.Generator().manual_seed(V)
     logits = torch.randn(V, generator=g) * (1.0 if V == 10 else 0.3)
     logits[3] = float("-inf")  # banned
     n = 200_000 if V == 10 else 60_000
-    counts = draw_counts(logits[None], n, 20_000, seed=1, temperature=temperature, top_k=top_k, top_p=top_p)
+    counts = draw_counts(logits[None], n, 20_000, seed=1, sampler=SAMPLERS[sampler], temperature=temperature,
+                         top_k=top_k, top_p=top_p)
     assert_follows(counts, target_distribution(logits, temperature, top_k, top_p), n)
 
 
@@ -92,7 +116,7 @@ def assert_follows(counts, target, n):
 
 
 def test_top_p_rows_of_every_kind_in_one_batch():
-    """top-p over a batch whose rows take different routes (model.sample_next): a peaked row that
+    """top-p over a batch whose rows take different routes (engine.sample_next): a peaked row that
     sure_nucleus settles without sorting, one whose nucleus fits in 128 sorted candidates, one
     wider than 1024 (all 2000 sorted); each row's draws follow its own target."""
     V, n, top_p = 2000, 40_000, 0.9
@@ -106,7 +130,7 @@ def test_top_p_rows_of_every_kind_in_one_batch():
     targets = [target_distribution(r, 1.0, top_p=top_p) for r in rows]
     sizes = [int((t > 0).sum()) for t in targets]
     assert sizes[0] <= 3 and 1 < sizes[1] <= 128 and sizes[2] > 1024, sizes
-    settled = model.sure_nucleus(torch.softmax(rows, -1), torch.ones(3, 1, dtype=torch.float64), top_p)[1]
+    settled = engine.sure_nucleus(torch.softmax(rows, -1), torch.ones(3, 1, dtype=torch.float64), top_p)[1]
     assert settled.tolist() == [True, False, False]
     gen = torch.Generator().manual_seed(3)
     counts = torch.zeros(3, V, dtype=torch.long)
@@ -128,17 +152,19 @@ def test_inverse_cdf_never_picks_a_zero_weight():
     w[1, 100] = 1.0  # only one token possible
     below_one = 1 - 2 ** -53
     for u in ([0.0, 0.0], [below_one, below_one], [0.5, below_one], [below_one, 0.0]):
-        idx, total = model.inverse_cdf(w, torch.tensor([u] * 4, dtype=torch.float64))
+        idx, total = engine.inverse_cdf(w, torch.tensor([u] * 4, dtype=torch.float64))
         assert (w.gather(1, idx) > 0).all()
         assert torch.allclose(total.squeeze(1), w.double().sum(1))
         assert idx[1, 0] == 100
 
 
-def test_greedy_and_top_p_zero_pick_the_argmax():
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_greedy_and_top_p_zero_pick_the_argmax(sampler):
+    sample = SAMPLERS[sampler]
     logits = torch.randn(5, 50)
-    assert torch.equal(sample_next(logits, 0.0)[0], logits.argmax(-1))
-    assert torch.equal(sample_next(logits, 1.0, top_p=0.0)[0], logits.argmax(-1))
-    assert torch.equal(sample_next(logits, 1.0, top_k=1)[0], logits.argmax(-1))
+    assert torch.equal(sample(logits, temperature=0.0)[0], logits.argmax(-1))
+    assert torch.equal(sample(logits, temperature=1.0, top_p=0.0)[0], logits.argmax(-1))
+    assert torch.equal(sample(logits, temperature=1.0, top_k=1)[0], logits.argmax(-1))
 
 
 # ----------------------------------------------------------------------------- stop strings
@@ -219,55 +245,6 @@ def test_greedy_rows_alone_equal_rows_in_a_batch():
         assert torch.allclose(torch.tensor(alone.logprobs[0]), torch.tensor(batch.logprobs[b]), atol=1e-5)
 
 
-@pytest.fixture
-def eager_static(monkeypatch):
-    """generate(compile=True) without compiling: the static-cache decode step run eagerly."""
-    monkeypatch.setattr(model, "_compiled_decode_step", lambda: model._decode_step)
-
-
-def test_static_cache_step_equals_naive(eager_static):
-    m = tiny_model()
-    # greedy with stops: rows finish at different steps but stay in the (static) batch
-    assert_same(generate(m, PROMPTS, 20, compile=True, **GREEDY), generate(m, PROMPTS, 20, use_cache=False, **GREEDY))
-    # sampling, no early stop (the naive sampler would drop finished rows and draw fewer numbers)
-    kw = dict(temperature=0.9, top_p=0.95, banned=(0,))
-    a = generate(m, PROMPTS, 25, compile=True, generator=torch.Generator().manual_seed(3), **kw)
-    b = generate(m, PROMPTS, 25, use_cache=False, generator=torch.Generator().manual_seed(3), **kw)
-    assert_same(a, b)
-    # the static cache is kept per model and batch size and emptied: a second call is the same
-    assert_same(a, generate(m, PROMPTS, 25, compile=True, generator=torch.Generator().manual_seed(3), **kw))
-
-
-def test_static_decode_step_is_one_graph_with_no_recompiles():
-    """What CUDA graphs need: the whole decode step (forward + sampling) is one graph with no break,
-    and stepping along the sequence does not recompile (nothing read back to the host)."""
-    from torch._dynamo.testing import CompileCounter
-    torch._dynamo.reset()
-    m = tiny_model()
-    counter = CompileCounter()
-    step = torch.compile(model._decode_step, backend=counter, fullgraph=True)
-    cache = model.KVCache(m.config, 3, 64, "cpu", torch.float32, static=True)
-    with torch.no_grad():
-        m(torch.tensor([[1, 2, 3], [0, 4, 5], [6, 7, 8]]), valid=torch.tensor([[1, 1, 1], [0, 1, 1], [1, 1, 1]]).bool(),
-          cache=cache, logits_from=-1)
-        tok, ban = torch.tensor([9, 10, 11]), torch.tensor([0])
-        for _ in range(5):
-            u = torch.rand(3, 2, dtype=torch.float64)
-            tok, logp = step(m, tok, cache, u, ban, 0.8, None, 0.9)
-            cache.length += 1
-    assert counter.frame_count == 1
-    torch._dynamo.reset()
-
-
-@pytest.mark.slow
-def test_compiled_generate_equals_naive():
-    """torch.compile(mode="reduce-overhead") for real (inductor; CUDA graphs only on a GPU)."""
-    torch._dynamo.reset()
-    m = tiny_model()
-    assert_same(generate(m, PROMPTS, 12, compile=True, **GREEDY), generate(m, PROMPTS, 12, use_cache=False, **GREEDY))
-    torch._dynamo.reset()
-
-
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_repeated_prompts_prefilled_once_equal_naive(temperature):
     """Rows that repeat a prompt share one prefill (its KV cache copied to each of them): the same
@@ -286,3 +263,65 @@ def test_repeated_prompts_prefilled_once_equal_naive(temperature):
         assert runs[0].tokens[0] == runs[0].tokens[2] == runs[0].tokens[5] == runs[0].tokens[7]
     else:
         assert len({tuple(runs[0].tokens[i]) for i in (0, 2, 5, 7)}) > 1
+
+
+# ----------------------------------------------------------------------------- the engine against the plain generate
+
+def test_fast_greedy_equals_plain_with_rows_finishing_at_different_steps():
+    """Stops, end of text and the length limit at different steps, rows leaving the engine's batch,
+    and repeated prompts prefilled once: the plain generate's tokens, texts and ends."""
+    m = tiny_model()
+    fast, plain = generate(m, PROMPTS, 20, **GREEDY), model.generate(m, PROMPTS, 20, **GREEDY)
+    assert_same(fast, plain)
+    assert plain.finish == ["stop", "length", "eot", "stop", "stop", "stop"]
+    repeated = [PROMPTS[i] for i in (2, 0, 2, 1, 0, 2, 3, 2)]
+    assert_same(generate(m, repeated, 20, **GREEDY), model.generate(m, repeated, 20, **GREEDY))
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 20, None), (0.8, 20, 0.9), (1.3, 60, 0.5)])
+@pytest.mark.parametrize("repeat", [False, True])
+def test_fast_sampling_equals_plain_token_for_token_with_top_k(temperature, top_k, top_p, repeat):
+    """With top-k both samplers pick from the sorted candidates' running sums with the same uniform
+    number, and with no row finishing early both draw the same numbers each step: the same tokens
+    and log-probs from the same seed, the engine's shared prefill of repeated prompts included."""
+    m = tiny_model()
+    prompts = [PROMPTS[i] for i in (2, 0, 2, 1, 0, 2, 3, 2)] if repeat else PROMPTS
+    kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, banned=(0,))
+    fast = generate(m, prompts, 25, generator=torch.Generator().manual_seed(5), **kw)
+    plain = model.generate(m, prompts, 25, generator=torch.Generator().manual_seed(5), **kw)
+    assert_same(fast, plain)
+    assert all(len(t) == 25 and 0 not in t for t in fast.tokens)
+    assert len({tuple(t) for t in fast.tokens}) == len(prompts)  # sampled: no two rows alike
+
+
+def two_sample_chi2(a, b):
+    """Chi-square of two count vectors drawn from one distribution (cells with too few counts
+    pooled), and its degrees of freedom."""
+    small = (a + b) < 10
+    a = torch.cat([a[~small], a[small].sum()[None]]).double()
+    b = torch.cat([b[~small], b[small].sum()[None]]).double()
+    keep = (a + b) > 0
+    a, b = a[keep], b[keep]
+    ka, kb = (b.sum() / a.sum()).sqrt(), (a.sum() / b.sum()).sqrt()
+    return float(((ka * a - kb * b) ** 2 / (a + b)).sum()), len(a) - 1
+
+
+@pytest.mark.parametrize("temperature,top_p", [(0.1, None), (0.1, 0.6)])
+def test_fast_sampling_follows_the_plain_distribution_where_draws_map_differently(temperature, top_p):
+    """The full distribution, and top-p alone (about a tenth of the later steps' rows have a
+    nucleus that sure_nucleus settles), where the engine's inverse CDF runs in vocabulary
+    order: 4000 samples of 3 tokens from one prompt by each sampler, each position's token counts
+    alike (two-sample chi-square), and the engine's log-probs those of a fresh forward pass."""
+    m = tiny_model()
+    prompts, kw = [PROMPTS[0]] * 4000, dict(temperature=temperature, top_p=top_p, banned=(0,))
+    fast = generate(m, prompts, 3, generator=torch.Generator().manual_seed(1), **kw)
+    plain = model.generate(m, prompts, 3, generator=torch.Generator().manual_seed(2), **kw)
+    for pos in range(3):
+        counts = [torch.bincount(torch.tensor([t[pos] for t in g.tokens]), minlength=97) for g in (fast, plain)]
+        chi2, df = two_sample_chi2(*counts)
+        assert df > 5 and chi2 < df + 5 * math.sqrt(2 * df), (pos, chi2, df)
+    seqs = torch.tensor([PROMPTS[0] + t for t in fast.tokens[:50]])
+    logits = m(seqs)[0][:, len(PROMPTS[0]) - 1:-1].index_fill(2, torch.tensor([0]), -math.inf)  # 0: banned
+    logp = F.log_softmax(logits / temperature, -1)
+    expected = logp.gather(2, seqs[:, len(PROMPTS[0]):, None]).squeeze(2)
+    assert torch.allclose(torch.tensor(fast.logprobs[:50]), expected, atol=1e-4)

@@ -121,21 +121,6 @@ def test_evaluate_samples_and_scores_under_bf16_autocast(rewarded, out_dir):
 
 # ----------------------------------------------------------------------------- torch.compile
 
-def test_training_forward_is_one_graph():
-    """The model's training forward (inputs and targets, no padding) compiles without a graph break."""
-    torch.manual_seed(0)
-    m = M.GPT(M.GPTConfig(vocab_size=64, block_size=32, n_layer=2, n_head=2, n_embd=16))
-    x = torch.randint(0, 64, (2, 32))
-    torch._dynamo.reset()
-    explanation = torch._dynamo.explain(m)(x, x)
-    breaks = explanation.break_reasons
-    if breaks and all(any("pos.max()" in (frame.line or "") for frame in b.user_stack) for b in breaks):
-        pytest.xfail("the only graph break is GPT.forward's `assert int(pos.max()) < block_size` (a host "
-                     "sync), which the model.py change of issue 12 removes")
-    assert explanation.graph_break_count == 0, [str(b.reason) for b in breaks]
-    assert explanation.graph_count == 1
-
-
 @pytest.mark.slow  # inductor compiles the forward and backward kernels with gcc: minutes on 2 cores
 def test_compiled_pretraining_matches_eager(out_dir):
     """`--compile=true` on the CPU (inductor): the same losses as eager, and a checkpoint that loads

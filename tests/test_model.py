@@ -4,7 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import GPT, GPTConfig, attention_mask, generate, load_checkpoint, sample_next, save_checkpoint
+import engine
+from engine import sample_next
+from model import GPT, GPTConfig, attention_mask, generate, load_checkpoint, save_checkpoint
 
 
 def tiny_model(seed=0, **kw):
@@ -32,8 +34,8 @@ def test_kv_cache_sampling_equals_naive(temperature):
     runs = []
     for use_cache in (True, False):
         g = torch.Generator().manual_seed(123)
-        runs.append(generate(model, PROMPTS, 20, enc=FakeEnc(), temperature=temperature, top_p=0.9,
-                             stop=("\nd",), eot_id=3, generator=g, use_cache=use_cache))
+        runs.append(engine.generate(model, PROMPTS, 20, enc=FakeEnc(), temperature=temperature, top_p=0.9,
+                                    stop=("\nd",), eot_id=3, generator=g, use_cache=use_cache))
     cached, naive = runs
     assert cached.tokens == naive.tokens
     assert cached.finish == naive.finish
@@ -209,7 +211,8 @@ def test_log_probs_are_fp32_and_reproducible_under_bf16_autocast():
 
 
 def test_training_forward_is_one_graph_and_long_sequences_still_raise():
-    """No host sync in forward (it was int(pos.max())): torch.compile sees one graph, no break."""
+    """forward reads nothing back to the host (lengths are checked on shapes): torch.compile sees
+    one graph with no break; sequences longer than block_size or the KV cache still raise."""
     model = tiny_model()
     idx = torch.randint(0, 97, (2, 16))
     explained = torch._dynamo.explain(model)(idx, idx)
@@ -228,11 +231,13 @@ def test_training_forward_is_one_graph_and_long_sequences_still_raise():
         generate(model, [[1] * 60], 10)
 
 
-def test_kv_cache_is_in_the_autocast_dtype(monkeypatch):
+@pytest.mark.parametrize("sampler", ["plain", "fast"])
+def test_kv_cache_is_in_the_autocast_dtype(monkeypatch, sampler):
     """Under bf16 autocast the keys and values come out of c_attn in bf16: the cache holds bf16 (not
     an fp32 copy), and greedy decoding gives the fp32 model's tokens on this short prompt, with
-    log-probs within 0.01 nats."""
+    log-probs within 0.01 nats. For model.generate and engine.generate."""
     import model as M
+    module = M if sampler == "plain" else engine
     made = []
 
     class Recording(M.KVCache):
@@ -240,12 +245,12 @@ def test_kv_cache_is_in_the_autocast_dtype(monkeypatch):
             super().__init__(*args, **kw)
             made.append(self)
 
-    monkeypatch.setattr(M, "KVCache", Recording)
+    monkeypatch.setattr(module, "KVCache", Recording)
     model = tiny_model()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        bf16 = generate(model, PROMPTS, 10, temperature=0.0)
+        bf16 = module.generate(model, PROMPTS, 10, temperature=0.0)
     assert made and all(k.dtype == torch.bfloat16 for k in made[0].k + made[0].v)
-    fp32 = generate(model, PROMPTS, 10, temperature=0.0)
+    fp32 = module.generate(model, PROMPTS, 10, temperature=0.0)
     assert made[1].k[0].dtype == torch.float32
     assert bf16.tokens == fp32.tokens
     for a, b in zip(bf16.logprobs, fp32.logprobs):

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 
 import reward
 import tokenizer as tok
-from model import GPT, GPTConfig, load_checkpoint, save_checkpoint, score_sequences
-from reward import batch_loss, rm_loss
+from model import GPT, GPTConfig, load_checkpoint, save_checkpoint
+from reward import batch_loss, rm_loss, score_sequences
 
 TEXTS = ["def add(a, b):\n    return a + b\n", "def neg(x):\n    \"\"\"Negate x.\"\"\"\n    return -x\n"] * 20
 
@@ -112,25 +112,6 @@ def test_shared_prompts_run_once_give_the_whole_sequences_scores_and_gradients(e
     assert torch.allclose(shared, alone, atol=1e-5)
     for a, b in zip(g_shared, g_alone):
         assert (a is None) == (b is None) and (a is None or torch.allclose(a, b, atol=1e-5))
-
-
-@pytest.mark.parametrize("shared", [True, False])
-def test_per_token_outputs_are_the_pooled_outputs_whose_mean_is_the_score(enc, shared):
-    """per_token=True (PPO's --token_reward): each row's outputs at its completion tokens and end of
-    text, in order, the same whether the prompts are shared (KV cache) or each row runs whole."""
-    rm = scalar_model(enc, pool="mean", loglik=True)
-    eot, pad = tok.special_ids(enc)
-    prompts = ["def f(x):\n"] * 2 if shared else ["def f(x):\n", "def g(y):\n"]
-    seqs = [reward.rm_sequence(enc, p, c, 64, eot) for p, c in zip(prompts, ("    return x\n", "    return x + 1\n"))]
-    with torch.no_grad():
-        scores, per = reward.score(rm, seqs, pad, per_token=True)
-        assert torch.equal(scores, reward.score(rm, seqs, pad))
-        for (tokens, start), r, o in zip(seqs, scores, per):
-            values, _ = rm(torch.tensor([tokens]))
-            assert len(o) == len(tokens) - start  # the completion's tokens and the end of text
-            assert torch.allclose(o, values[0, start:], atol=1e-5) and o.mean().item() == pytest.approx(r.item(), abs=1e-6)
-    with pytest.raises(ValueError):
-        reward.score(scalar_model(enc, pool="last"), seqs, pad, per_token=True)
 
 
 def test_pairwise_accuracy_skips_ties():

@@ -148,12 +148,12 @@ def test_missing_base_checkpoint_is_a_one_line_error(tmp_path, capsys):
 
 
 def test_sample_completions_keeps_prompt_order_and_matches_unbatched(enc):
-    import model as M
+    import engine
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=enc.n_vocab, block_size=64, n_layer=1, n_head=2, n_embd=32)).eval()
     prompts = ["def add(a, b):\n    \"\"\"Add a and b.\"\"\"\n", "def f(x):\n", "def neg(x):\n"]
-    batched = M.sample_completions(model, enc, prompts, 12, temperature=0.0, batch_size=2)
-    alone = [M.sample_completions(model, enc, [p], 12, temperature=0.0)[0] for p in prompts]
+    batched = engine.sample_completions(model, enc, prompts, 12, temperature=0.0, batch_size=2)
+    alone = [engine.sample_completions(model, enc, [p], 12, temperature=0.0)[0] for p in prompts]
     assert [b["completion"] for b in batched] == [a["completion"] for a in alone]
     assert [b["sum_logprob"] for b in batched] == pytest.approx([a["sum_logprob"] for a in alone], abs=1e-4)
-    assert all(not any(s in b["completion"] for s in M.STOP) for b in batched)  # cut before the stop sequences
+    assert all(not any(s in b["completion"] for s in engine.STOP) for b in batched)  # cut before the stop sequences
