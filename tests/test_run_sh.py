@@ -25,7 +25,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 ROUND1 = ["corpus", "tokenizer", "tokenize", "tasks", "pretrain", "eval_base", "sft", "eval_sft", "reward",
-          "rm_picks", "ppo", "eval_ppo", "ppo_ptx", "eval_ppo_ptx"]
+          "rm_picks", "ppo_exec", "eval_ppo_exec", "ppo", "eval_ppo", "ppo_ptx", "eval_ppo_ptx"]
 
 
 def round_stages(r):
@@ -131,6 +131,8 @@ def stage_name(cmd):
         return "eval_" + args[args.index("--model_name") + 1] if "--model_name" in args else None
     if script == "ppo.py":
         return opt["--run_name"]
+    if script == "report.py":
+        return None
     if script == "reward.py":
         return "reward" if rnd == 1 else f"reward_r{rnd}"
     return Path(script).stem
@@ -152,8 +154,8 @@ def by_stage(cmds):
 NEEDS = {"tokenizer": ["corpus"], "tokenize": ["tokenizer"], "pretrain": ["tokenize"],
          "eval_base": ["pretrain", "tasks"], "sft": ["pretrain", "tasks"], "reward": ["sft"],
          "eval_sft": ["sft"], "rm_picks": ["reward", "eval_sft"], "ppo": ["reward"], "eval_ppo": ["ppo"],
-         "ppo_ptx": ["reward"],
-         "eval_ppo_ptx": ["ppo_ptx"]}
+         "ppo_ptx": ["reward"], "eval_ppo_ptx": ["ppo_ptx"], "ppo_exec": ["reward"],
+         "eval_ppo_exec": ["ppo_exec"]}
 
 
 def round_of(name):
@@ -259,16 +261,16 @@ def test_resume_skips_finished_stages_and_reruns_a_crashed_one(fake_run):
 
 
 def test_lanes_run_side_by_side_and_jobs_1_runs_one_stage_at_a_time(fake_run):
-    """PPO and PPO-ptx overlap in time by default, and SFT's evaluation overlaps the reward stage
+    """PPO on the execution reward overlaps PPO on the RM by default, and SFT's evaluation overlaps the reward stage
     (1 s each here); with --jobs 1 the stages run in the script's order, each after the previous
     one ended."""
     rc, output, cmds = fake_run("tiny", sleep=1)
     assert rc == 0, output[-3000:]
     check_order(cmds)
     start, end = spans(cmds)
-    assert start["ppo_ptx"] < end["ppo"] and start["ppo"] < end["ppo_ptx"]
+    assert start["ppo_exec"] < end["ppo"] and start["ppo"] < end["ppo_exec"]
     assert start["eval_sft"] < end["reward"] and start["reward"] < end["eval_sft"]
-    assert "lane ppo: done" in output and "=== [ppo] python ppo.py" in output  # the lane's stages, reported
+    assert "lane exec: done" in output and "=== [ppo] python ppo.py" in output  # the lane's stages, reported
     rc, output, cmds = fake_run("tiny", "--jobs", "1", sleep=0.2)
     assert rc == 0, output[-3000:]
     assert list(by_stage(cmds)) == ROUND1 and "=== lane" not in output
