@@ -79,7 +79,7 @@ class Config:
     rm: str = ""                  # default out_dir/rm.pt
     reward: str = "rm"            # r(x, y): "rm" the reward model's score, "exec" the fraction of tests passed
     # rollouts
-    iterations: int = 20          # rollout + update rounds
+    iterations: int = 60          # rollout + update rounds (60 x 128 rollouts: each ppo prompt about once)
     batch_size: int = 128         # completions per rollout
     samples_per_prompt: int = 1   # k completions of each of batch_size / k prompts (k > 1: RLOO baseline)
     max_new_tokens: int = 64
@@ -101,7 +101,7 @@ class Config:
     clip: float = 0.2             # policy ratio clip epsilon
     clip_value: float = 0.2       # value clip, around the rollout's values
     vf_coef: float = 0.1
-    lr: float = 2e-5              # policy (AdamW)
+    lr: float = 5e-5              # policy (AdamW)
     value_lr: float = 2e-4        # value model (its own AdamW: with Adam, vf_coef barely matters, this does)
     warmup_iters: int = 2
     min_lr_ratio: float = 1.0     # 1.0 = constant after warmup

@@ -49,7 +49,7 @@ class Config:
     seed: int = 1234
     n_sft: int = 2000             # demonstrations for supervised fine-tuning
     n_rm: int = 1600              # prompts whose sampled completions the labeler ranks (K each)
-    n_ppo: int = 400              # prompts for reinforcement learning
+    n_ppo: int = 8000             # prompts for reinforcement learning (a PPO run meets each about once)
     n_test: int = 164             # pass@k problems (HumanEval's size)
     compose_frac: float = 0.3     # share of problems that chain two operations
     heldout_pair_frac: float = 0.2   # share of composition pairs reserved for test
@@ -61,7 +61,7 @@ class Config:
 
 PRESETS = {
     "tiny": {},
-    "small": dict(n_sft=20000, n_rm=8000, n_ppo=4000, n_test=500),
+    "small": dict(n_sft=20000, n_rm=8000, n_ppo=25000, n_test=500),
 }
 
 
