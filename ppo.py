@@ -79,9 +79,9 @@ class Config:
     rm: str = ""                  # default out_dir/rm.pt
     reward: str = "rm"            # r(x, y): "rm" the reward model's score, "exec" the fraction of tests passed
     # rollouts
-    iterations: int = 60          # rollout + update rounds (60 x 128 rollouts: each ppo prompt about once)
-    batch_size: int = 128         # completions per rollout
-    samples_per_prompt: int = 1   # k completions of each of batch_size / k prompts (k > 1: RLOO baseline)
+    iterations: int = 60          # rollout + update rounds (60 x 64 prompts: each ppo prompt at most once)
+    batch_size: int = 256         # completions per rollout
+    samples_per_prompt: int = 4   # k completions of each of batch_size / k prompts (k > 1: RLOO baseline)
     max_new_tokens: int = 64
     temperature: float = 0.8      # sampling temperature (evaluate.py samples at 0.8); log-probs at the same one
     top_p: float = 1.0            # must stay 1: the log-probs are under the untruncated softmax(logits / T)
@@ -95,7 +95,7 @@ class Config:
     norm_samples: int = 256       # reference samples that set the normalisation (mean 0, std 1)
     # PPO
     ppo_epochs: int = 2
-    minibatch_size: int = 32
+    minibatch_size: int = 64
     gamma: float = 1.0
     lam: float = 0.95
     clip: float = 0.2             # policy ratio clip epsilon

@@ -41,8 +41,8 @@ if [ -n "$SMOKE" ]; then
   X_PPO="--iterations=2 --batch_size=32 --minibatch_size=16 --ptx_batch_size=4 --eval_iters=2"
   X_EVAL="--n=2 --val_iters=2 --sweep_n=2"
 fi
-RM_ITERS=  # PPO against the RM: tiny runs 20 iterations (step 5)
-if [ "$PRESET" = tiny ] && [ -z "$SMOKE" ]; then RM_ITERS="--iterations=20"; fi
+RM_PPO=  # PPO against the RM: tiny runs 20 iterations of 128 prompts x 1 sample (step 5)
+if [ "$PRESET" = tiny ] && [ -z "$SMOKE" ]; then RM_PPO="--iterations=20 --batch_size=128 --samples_per_prompt=1 --minibatch_size=32"; fi
 # glibc: keep big freed blocks for reuse instead of returning them to the OS; fresh pages are what
 # makes CPU training slow here (logits tensors are allocated every step).
 export MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=68719476736
@@ -151,11 +151,11 @@ ppo_run() {  # ppo_run NAME [ARGS...]: PPO from sft.pt, then its evaluation
   stage eval_$name evaluate python evaluate.py --preset "$PRESET" --ckpt "$OUT/$name.pt" $EVAL --model_name $name \
       --ref "$OUT/sft.pt"
 }
-#    The RM runs take a third of the exec run's iterations: what fits beside it (its climb is the RM's
+#    The RM runs take a sixth of the exec run's rollouts: what fits beside it (their climb is the RM's
 #    limit, not the budget's: docs/RESULTS.md).
 lane exec ppo_run ppo_exec --reward=exec --ptx_coef=0
-ppo_run ppo --ptx_coef=0 $RM_ITERS
-ppo_run ppo_ptx $RM_ITERS
+ppo_run ppo --ptx_coef=0 $RM_PPO
+ppo_run ppo_ptx $RM_PPO
 join_lanes
 python -c "import common, sys, json; m = json.load(open(sys.argv[1] + '/results.json'))['models']['ppo']; \
 common.update_round(sys.argv[1], 1, {'policy': m})" "$OUT"

@@ -178,7 +178,7 @@ def out_dir(tmp_path_factory):
 
 
 def small_config(**kw):
-    base = dict(iterations=2, batch_size=4, minibatch_size=2, ppo_epochs=2, max_new_tokens=16, lr=1e-3,
+    base = dict(iterations=2, batch_size=4, minibatch_size=2, samples_per_prompt=1, ppo_epochs=2, max_new_tokens=16, lr=1e-3,
                 warmup_iters=0, ptx_batch_size=2, ptx_block_size=32, eval_iters=2, gold=False, ckpt_interval=1,
                 run_name="ppo_test")
     base.update(kw)
