@@ -110,7 +110,7 @@ def _merge(dst, src):
 
 def edit_results(out_dir, edit):
     """Apply `edit` (a function that changes a dict in place) to out_dir/results.json (the run's
-    summary, DESIGN.md) and write it back atomically. run.sh runs some stages at the same time, so
+    summary, docs/DESIGN.md) and write it back atomically. run.sh runs some stages at the same time, so
     each read-edit-write holds an exclusive lock on results.json.lock: no update is lost."""
     path = Path(out_dir) / "results.json"
     path.parent.mkdir(parents=True, exist_ok=True)
