@@ -110,7 +110,7 @@ def _merge(dst, src):
 
 def edit_results(out_dir, edit):
     """Apply `edit` (a function that changes a dict in place) to out_dir/results.json (the run's
-    summary, DESIGN.md) and write it back atomically. run.sh runs some stages at the same time, so
+    summary, docs/DESIGN.md) and write it back atomically. run.sh runs some stages at the same time, so
     each read-edit-write holds an exclusive lock on results.json.lock: no update is lost."""
     path = Path(out_dir) / "results.json"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -234,6 +234,10 @@ def setup_runtime(device="auto", dtype="auto", seed=1337):
         if device.startswith("cuda"):
             device = f"cuda:{local_rank}"
             torch.cuda.set_device(device)
+        # imported before the group exists: DDP imports torch._dynamo on first use, and modules loaded
+        # then take the live default group as a default argument, which keeps it (and gloo's threads)
+        # alive after destroy_process_group, until the interpreter finalizes (see cleanup_runtime)
+        import torch._dynamo  # noqa: F401
         dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
     if device == "cpu" and "OMP_NUM_THREADS" not in os.environ:  # one thread per core, split among ranks
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
@@ -264,9 +268,23 @@ def any_rank(flag, rt):
 
 
 def cleanup_runtime(rt):
-    if rt.ddp:
-        import torch.distributed as dist
-        dist.destroy_process_group()
+    """End DDP, on every rank, after its last collective and before the interpreter exits. The caller
+    drops its DDP wrapper first (it holds the process group). A barrier, so that no rank tears down
+    while another still talks to it; then destroy_process_group and a garbage collection, which frees
+    the process group itself and so joins its backend's threads now. For gloo, destroy_process_group
+    alone only unregisters the group: its worker threads live on until the last reference goes, and
+    such a thread can still be releasing its last collective's tensors (Python objects) after the
+    main thread has moved on. If that happens while the interpreter finalizes, the thread cannot take
+    the GIL, is made to exit inside a destructor, and the process aborts ("terminate called without
+    an active exception")."""
+    if not rt.ddp:
+        return
+    import gc
+
+    import torch.distributed as dist
+    dist.barrier(device_ids=[rt.local_rank] if rt.device.startswith("cuda") else None)
+    dist.destroy_process_group()
+    gc.collect()
 
 
 # ----------------------------------------------------------------------------- optimisation

@@ -181,6 +181,7 @@ def train(cfg, out_dir, resume=False, stop_at=None):
         elapsed = time.time() - t_start
         print(f"done: val loss {val_loss:.4f} in {elapsed:.0f}s; checkpoint {ckpt_path}")
         common.update_results(out_dir, {"models": {"base": {"val_loss": round(val_loss, 4)}}})
+    del model  # the DDP wrapper holds the process group: cleanup_runtime frees both
     common.cleanup_runtime(rt)
     return history
 

@@ -23,3 +23,13 @@ def make_code_dir(out, text, vocab_size):
     ids[: len(ids) // 3].tofile(out / "code" / "val.bin")
     (out / "code" / "meta.json").write_text(json.dumps({"dtype": "uint16"}))
     return enc
+
+
+def run_sh_env(**extra):
+    """The environment for a `bash run.sh` subprocess: os.environ plus `extra`, with the directory of
+    the interpreter running the tests first on PATH, so that run.sh's `python` is this one (the one
+    with the requirements) also when pytest runs from a virtual environment that is not activated."""
+    import os
+    env = {**os.environ, **{k: str(v) for k, v in extra.items()}}
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]).rstrip(os.pathsep)
+    return env

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import run_sh_env
+
 ROOT = Path(__file__).resolve().parents[1]
 
 ROUND1 = ["corpus", "tokenizer", "tokenize", "tasks", "pretrain", "eval_base", "sft", "eval_sft", "reward",
@@ -294,7 +296,7 @@ def test_a_failed_lane_stops_the_run_and_resume_reruns_it(fake_run):
 def run_sh(out, *args):
     t = time.time()
     p = subprocess.run(["bash", "run.sh", "tiny", "--smoke", *args], cwd=ROOT, capture_output=True, text=True,
-                       env={**os.environ, "FLYWHEEL_OUT": str(out)}, timeout=1800)
+                       env=run_sh_env(FLYWHEEL_OUT=out), timeout=1800)
     print(f"run.sh tiny --smoke {' '.join(args)}: {time.time() - t:.0f}s")
     return p
 
