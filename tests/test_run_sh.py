@@ -1,4 +1,4 @@
-"""run.sh's resumable, multi-round chain (issue 13).
+"""run.sh's resumable, multi-round chain.
 
 Fast (default suite): run.sh's own logic, with a stand-in `python` first on PATH that records each
 stage's command line and writes the files the next stages look for; run.sh's inline `python -c` /

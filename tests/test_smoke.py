@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_sh_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -15,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_run_sh_small_smoke(tmp_path):
     out = tmp_path / "small_smoke"
-    env = {**os.environ, "FLYWHEEL_OUT": str(out)}
+    env = run_sh_env(FLYWHEEL_OUT=out)
     run = subprocess.run(["bash", "run.sh", "small", "--smoke"], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=1800)
     assert run.returncode == 0, run.stderr[-4000:]
