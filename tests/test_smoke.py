@@ -2,7 +2,6 @@
 (vocabulary 16384, block_size 512, max_new_tokens 256 / 128, K = 8, PPO batch a multiple of its
 minibatch, 8 sandbox workers), steps and data shrunk so that a 2-core CPU runs it in minutes."""
 import json
-import os
 import subprocess
 from pathlib import Path
 
