@@ -13,11 +13,10 @@
    text (--pool=mean, the default here), or, as in InstructGPT, the output at the last token
    (--pool=last). With --loglik (the default) each token's number also counts the log-probability
    of that token under the SFT model's own tied unembedding, and the head starts at zero: the RM
-   starts as the SFT model's mean log-likelihood of the completion, which already ranks ~85% of the
-   held-out tiny comparisons correctly, where a fresh head on the same trunk learns only ~68% from
-   them (README). --loglik=False --lr=3e-4 is InstructGPT's RM exactly (the unembedding replaced by
-   the head). All C(K,2) comparisons of a prompt go in one batch element (one forward pass per
-   completion, not per pair), with the loss
+   starts as the SFT model's mean log-likelihood of the completion (docs/RESULTS.md, "Reward model",
+   compares it with a fresh head). --loglik=False --lr=3e-4 is InstructGPT's RM exactly (the
+   unembedding replaced by the head). All C(K,2) comparisons of a prompt go in one batch element
+   (one forward pass per completion, not per pair), with the loss
        loss = -1/C(K,2) * sum over pairs (y_w, y_l), s_w > s_l, of log sigmoid(r(x, y_w) - r(x, y_l)).
    One epoch (InstructGPT: more overfits). Then a bias so that the reference solutions of the rm
    prompts score 0 on average. Held-out prompts give the pairwise accuracy.
@@ -60,7 +59,7 @@ class Config:
                                    # model that passes no test still gives comparisons (run.sh --smoke)
     epochs: int = 1                # InstructGPT: one epoch; more overfits
     batch_size: int = 4            # prompts (each with its K completions) per step
-    lr: float = 1e-5               # with loglik (3e-5 and up lost accuracy); --loglik=False wants ~3e-4
+    lr: float = 1e-5               # with loglik: small steps keep the likelihood it starts from; --loglik=False: ~3e-4
     min_lr_ratio: float = 0.1
     warmup_iters: int = 5
     weight_decay: float = 0.0
@@ -121,7 +120,7 @@ def n_pairs(scores):
 
 def rm_sequence(enc, prompt, completion, block_size, eot_id):
     """THE reward-model input: (tokens, start) with tokens = encode(prompt) + encode(completion) +
-    [eot] (DESIGN.md) and start = where the completion begins; the completion is cut (the eot kept)
+    [eot] (docs/DESIGN.md) and start = where the completion begins; the completion is cut (the eot kept)
     if the whole would not fit the context."""
     p = enc.encode_ordinary(prompt)[-(block_size - 1):]
     c = enc.encode_ordinary(completion)[:block_size - 1 - len(p)]
@@ -350,6 +349,67 @@ def round_name(stem, r, suffix):
     return f"{stem}{suffix}" if r == 1 else f"{stem}_r{r}{suffix}"
 
 
+def sample_round(cfg, out_dir, problems, rt):
+    """This round's comparisons: K samples per rm prompt from cfg.policy (SFT in round 1), labelled
+    by execution, tagged with the round and the policy, written to comparisons[_r<r>].jsonl."""
+    import tokenizer as tok
+    t0 = time.time()
+    if not 2 <= cfg.k:
+        common.die(f"--k={cfg.k}: need at least 2 completions per prompt (InstructGPT: 4..9)")
+    policy_path = common.require(cfg.policy or out_dir / "sft.pt", "train that policy first")
+    policy, ckpt = load_checkpoint(policy_path, rt.device)
+    enc = tok.from_state(ckpt["tokenizer"])
+    fresh = make_comparisons(policy, enc, problems, cfg, torch.Generator(rt.device).manual_seed(cfg.seed),
+                             rt.autocast)
+    del policy
+    for r in fresh:
+        r.update(round=cfg.round, policy=str(policy_path))
+    cmp_path = out_dir / round_name("comparisons", cfg.round, ".jsonl")
+    write_comparisons(cmp_path, fresh)
+    print(f"comparisons of {policy_path} (round {cfg.round}) -> {cmp_path} ({time.time() - t0:.0f}s)")
+    return fresh
+
+
+def fit(rm, train_groups, pad_id, cfg, rt):
+    """InstructGPT's RM training: cfg.epochs over the prompts in a seeded shuffle, cfg.batch_size
+    prompts (each with all its completions) per step, warmup + cosine, clipping; the loss and train
+    accuracy are read every cfg.log_interval steps. Returns the number of steps."""
+    optimizer = common.make_optimizer(rm, cfg.lr, cfg.weight_decay, device=rt.device)
+    total = cfg.epochs * ((len(train_groups) + cfg.batch_size - 1) // cfg.batch_size)
+    rng = random.Random(cfg.seed)
+    rm.train()
+    step, correct, seen = 0, 0, 0
+    pending, loss_sum, n_steps = [], torch.zeros((), device=rt.device), 0  # on the device until the next log
+    bar = tqdm(total=total, desc="reward model", dynamic_ncols=True)
+    for epoch in range(cfg.epochs):
+        order = list(range(len(train_groups)))
+        rng.shuffle(order)
+        for b in range(0, len(order), cfg.batch_size):
+            batch = [train_groups[i] for i in order[b:b + cfg.batch_size]]
+            common.set_lr(optimizer, common.lr_at(step, cfg.lr, cfg.warmup_iters, total, cfg.min_lr_ratio))
+            with rt.ctx():
+                loss, rewards = batch_loss(rm, batch, pad_id)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(rm.parameters(), cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            pending += [(r.detach(), s) for r, (_, s) in zip(rewards, batch)]
+            loss_sum += loss.detach()
+            n_steps += 1
+            step += 1
+            bar.update(1)
+            if step % cfg.log_interval and step < total:
+                continue  # reading rewards and loss makes the host wait for the GPU: only when logging
+            flat = torch.cat([r for r, _ in pending]).float().cpu().split([len(s) for _, s in pending])
+            for r, (_, s) in zip(flat, pending):
+                c, n = pairwise_accuracy(r, s)
+                correct, seen = correct + c, seen + n
+            bar.set_postfix(loss=f"{loss_sum.item() / n_steps:.3f}", train_acc=f"{correct / max(1, seen):.3f}")
+            pending, loss_sum, n_steps = [], torch.zeros_like(loss_sum), 0
+    bar.close()
+    return step
+
+
 def train(cfg, out_dir, comparisons=None):
     """Build (or read) the comparisons, train the RM on them, write out_dir/rm.pt (rm_r<r>.pt in
     round r > 1). `comparisons`: existing comparison files to train on; fresh ones are sampled from
@@ -363,21 +423,7 @@ def train(cfg, out_dir, comparisons=None):
 
     # ---- 1. comparisons: sample K per prompt from the policy (SFT in round 1), label by execution
     rows = [r for path in comparisons or [] for r in read_comparisons(path)]
-    fresh = []
-    if not comparisons or cfg.policy:
-        if not 2 <= cfg.k:
-            common.die(f"--k={cfg.k}: need at least 2 completions per prompt (InstructGPT: 4..9)")
-        policy_path = common.require(cfg.policy or out_dir / "sft.pt", "train that policy first")
-        policy, ckpt = load_checkpoint(policy_path, rt.device)
-        enc = tok.from_state(ckpt["tokenizer"])
-        fresh = make_comparisons(policy, enc, problems, cfg, torch.Generator(rt.device).manual_seed(cfg.seed),
-                                 rt.autocast)
-        del policy
-        for r in fresh:
-            r.update(round=cfg.round, policy=str(policy_path))
-        cmp_path = out_dir / round_name("comparisons", cfg.round, ".jsonl")
-        write_comparisons(cmp_path, fresh)
-        print(f"comparisons of {policy_path} (round {cfg.round}) -> {cmp_path} ({time.time() - t0:.0f}s)")
+    fresh = sample_round(cfg, out_dir, problems, rt) if not comparisons or cfg.policy else []
     rows += fresh
     t_label = time.time() - t0
 
@@ -417,43 +463,9 @@ def train(cfg, out_dir, comparisons=None):
     if not train_groups:
         common.die("no comparisons to train on: every prompt's completions tied (sample more, or raise --k)")
 
-    optimizer = common.make_optimizer(rm, cfg.lr, cfg.weight_decay, device=rt.device)
-    steps_per_epoch = (len(train_groups) + cfg.batch_size - 1) // cfg.batch_size
-    total = cfg.epochs * steps_per_epoch
-    rng = random.Random(cfg.seed)
     acc0, _, _ = evaluate_accuracy(rm, val_groups, pad_id, cfg.batch_size, rt.autocast)
-    rm.train()
-    step, correct, seen = 0, 0, 0
-    pending, loss_sum, n_steps = [], torch.zeros((), device=rt.device), 0  # on the device until the next log
     t1 = time.time()
-    bar = tqdm(total=total, desc="reward model", dynamic_ncols=True)
-    for epoch in range(cfg.epochs):
-        order = list(range(len(train_groups)))
-        rng.shuffle(order)
-        for b in range(0, len(order), cfg.batch_size):
-            batch = [train_groups[i] for i in order[b:b + cfg.batch_size]]
-            lr = common.lr_at(step, cfg.lr, cfg.warmup_iters, total, cfg.min_lr_ratio)
-            common.set_lr(optimizer, lr)
-            with rt.ctx():
-                loss, rewards = batch_loss(rm, batch, pad_id)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(rm.parameters(), cfg.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            pending += [(r.detach(), s) for r, (_, s) in zip(rewards, batch)]
-            loss_sum += loss.detach()
-            n_steps += 1
-            step += 1
-            bar.update(1)
-            if step % cfg.log_interval and step < total:
-                continue  # reading rewards and loss makes the host wait for the GPU: only when logging
-            flat = torch.cat([r for r, _ in pending]).float().cpu().split([len(s) for _, s in pending])
-            for r, (_, s) in zip(flat, pending):
-                c, n = pairwise_accuracy(r, s)
-                correct, seen = correct + c, seen + n
-            bar.set_postfix(loss=f"{loss_sum.item() / n_steps:.3f}", train_acc=f"{correct / max(1, seen):.3f}")
-            pending, loss_sum, n_steps = [], torch.zeros_like(loss_sum), 0
-    bar.close()
+    step = fit(rm, train_groups, pad_id, cfg, rt)
     val_acc, val_loss, _ = evaluate_accuracy(rm, val_groups, pad_id, cfg.batch_size, rt.autocast)
     t_train = time.time() - t1
     shift = {}  # accuracy on this round's fresh held-out comparisons: the previous RM's, then the new one's
@@ -491,19 +503,25 @@ def train(cfg, out_dir, comparisons=None):
 
 # ----------------------------------------------------------------------------- scoring CLI
 
+def load_reward_model(path, device):
+    """(model, checkpoint) of the reward model at path; a one-line error if it is missing or is not one."""
+    common.require(path, "run `python reward.py` first to train the reward model")
+    try:
+        rm, ckpt = load_checkpoint(path, device)
+    except ValueError as e:
+        common.die(str(e))
+    if rm.config.head != "scalar":
+        common.die(f"{path} is not a reward model (head {rm.config.head!r})")
+    return rm, ckpt
+
+
 def score_file(samples_path, problems_path, ckpt_path, output, device="cpu", ctx=nullcontext):
     """Add `rm_score` to every row of a samples file (task_id, completion); write a new file."""
     import tokenizer as tok
     from data.tasks import read_jsonl, write_jsonl
     common.require(samples_path, "write samples with `python evaluate.py` first")
-    common.require(ckpt_path, "run `python reward.py` first to train the reward model")
+    rm, ckpt = load_reward_model(ckpt_path, device)
     problems = load_problems(problems_path, "pass --problems FILE")
-    try:
-        rm, ckpt = load_checkpoint(ckpt_path, device)
-    except ValueError as e:
-        common.die(str(e))
-    if rm.config.head != "scalar":
-        common.die(f"{ckpt_path} is not a reward model (head {rm.config.head!r})")
     samples = list(read_jsonl(samples_path))
     if any(not isinstance(s, dict) or "task_id" not in s or "completion" not in s for s in samples):
         common.die(f"{samples_path}: every row needs task_id and completion")

@@ -21,15 +21,8 @@ one token per space; that alone gave ~30% fewer tokens on code. We train our own
    merges. Specials `<|endoftext|>` and `<|pad|>` take the last two ids, so `n_vocab` is exactly
    the requested vocab size. Every byte is a token, so every string round-trips.
 
-Measured (vocab 8192, trained on 4.05 MB of stdlib package code in ~3 s on one CPU core, bytes/token
-on the 168 top-level stdlib modules, 4.7 MB; for scale, GPT-2's own 50k vocabulary is said to get
-~2.2 there, not measured as it needs a download):
-    this tokenizer                                         3.81
-    whitespace_runs=False (no whitespace-run tokens)       2.20   (ours: 42% fewer tokens)
-    GPT-2's pre-tokenizer, same trainer/data/size          3.65
-    line break and indentation as separate words           3.52   (so they are kept together)
-    same pattern, space runs learned instead of explicit   3.81   (BPE on code learns them anyway)
-The stdlib has no tab characters, so there are no explicit tab-run tokens.
+The stdlib has no tab characters, so there are no explicit tab-run tokens. Bytes per token with and
+without the whitespace-run tokens, and against other pre-tokenizers: docs/RESULTS.md, "Tokenizer".
 
 CLI:
     python tokenizer.py --input out/tiny/code/train --vocab_size 4096 --out out/tiny/tokenizer.json \\

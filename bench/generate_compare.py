@@ -15,8 +15,8 @@ Needs the optional `transformers` package (not a project requirement):
     ... python bench/generate_compare.py --preset small --batch 16 --prompt_len 128 --new_tokens 64
 
 (run.sh sets the same environment: glibc keeps freed blocks, OpenMP threads sleep while waiting.)
-On a 2-core machine shared with other jobs the per-repeat ratio varies a lot (1.3x to 2.4x seen at
-the tiny shape); --threads 1 takes the waits for a descheduled second OpenMP thread out of it.
+On a small CPU shared with other jobs the per-repeat ratio varies a lot (docs/SPEED.md); --threads 1
+takes the waits for a descheduled second OpenMP thread out of it.
 """
 import argparse
 import statistics

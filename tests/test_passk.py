@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import evaluate
-from evaluate import estimate_pass_at_k, pass_at_k, pass_at_k_table, pick, pick_pass_rate
+from evaluate import pass_at_k, pass_at_k_table, per_problem_pass_at_k, pick, pick_pass_rate
 
 
 def exact(n, c, k):
@@ -36,11 +36,10 @@ def test_edge_cases():
             pass_at_k(*bad)
 
 
-def test_estimate_pass_at_k_vectorised():
-    got = estimate_pass_at_k([10, 20, 5], [0, 3, 5], 2)
+def test_per_problem_pass_at_k():
+    got = per_problem_pass_at_k({"a": (10, 0), "b": (20, 3), "c": (5, 5)}, 2)
     assert isinstance(got, np.ndarray)
     assert got == pytest.approx([float(exact(10, 0, 2)), float(exact(20, 3, 2)), 1.0])
-    assert estimate_pass_at_k(10, [1, 2], 1) == pytest.approx([0.1, 0.2])  # one n for all
 
 
 def test_pass_at_k_table_skips_ks_without_enough_samples():
