@@ -28,8 +28,9 @@ def sb():
 
 @pytest.fixture(scope="module")
 def bare():
-    """Audit-hook guard, seccomp and the uid drop off: what the remaining layers hold on their own."""
-    with Sandbox(workers=1, disable=("guard", "seccomp", "uid")) as box:
+    """Audit-hook guard, seccomp, Landlock, the private mounts and the uid drop off: what the
+    remaining layers (process group, subreaper, rlimits) hold on their own."""
+    with Sandbox(workers=1, disable=("guard", "seccomp", "uid", "landlock", "mountns")) as box:
         yield box
 
 
