@@ -488,6 +488,19 @@ def setup_mount_namespace(tmpfs_mb):
     return work
 
 
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+def drop_capabilities():
+    """Clear this process's capability sets (effective, permitted, inheritable): a child of a
+    zygote that sits in a user namespace of its own would otherwise hold every capability there.
+    Returns True on success."""
+    header = _CapHeader(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3: two 32-bit words per set
+    data = (ctypes.c_uint32 * 6)()
+    return _libc_call("capset", ctypes.byref(header), ctypes.byref(data)) == 0
+
+
 UID_BASE = 0x40000000  # children run as UID_BASE + (zygote pid mod 2**22) * 64 + (job mod 64)
 
 
@@ -571,8 +584,9 @@ def _child(job, workdir, out_fd, report_fd, uid, layers, info):
         os.setgroups([])
         os.setresgid(uid, uid, uid)
         os.setresuid(uid, uid, uid)
-    if sys.platform == "linux":  # /proc/<pid>/{fd,mem,environ} of this process: root's only
-        _prctl(PR_SET_DUMPABLE, 0)
+    if sys.platform == "linux":
+        drop_capabilities()
+        _prctl(PR_SET_DUMPABLE, 0)  # /proc/<pid>/{fd,mem,environ} of this process: root's only
     if info.get("landlock") and "landlock" in layers:
         if not install_landlock(info["landlock"], [workdir], [os.devnull]):
             os.write(2, b"sandbox: the Landlock ruleset could not be applied\n")
