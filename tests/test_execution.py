@@ -804,3 +804,50 @@ LEGIT.update({
         check(f)
     """,
 })
+
+
+# ----------------------------------------------------------------------------- each layer on its own (slow)
+
+ALONE = {  # a layer -> the others turned off; each must stop its attacks by itself
+    "landlock": ("guard", "seccomp", "uid", "mountns", "netns"),
+    "uid": ("guard", "seccomp", "landlock"),  # (the private mounts let the uid run the interpreter)
+    "mountns": ("guard", "seccomp", "uid", "landlock", "netns"),
+}
+ALONE["mountns_read_only"] = ALONE["mountns"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layer", sorted(ALONE))
+def test_each_kernel_layer_alone(layer, visible_dir):
+    with Sandbox(workers=1, disable=ALONE[layer]) as box:
+        assert box.isolation[layer.split("_")[0]], box.isolation
+        if layer == "landlock":
+            canary = os.path.join(visible_dir, "canary.txt")
+            with open(canary, "w") as f:
+                f.write("precious")
+            os.chmod(canary, 0o666)
+            attacks = [a for a in _canary_attacks(canary) if "chmod" not in a]  # (metadata: see mountns)
+            for attack in attacks + [RACE.format(outside=visible_dir),
+                                                     f"import sqlite3\nsqlite3.connect({canary!r}).execute('create table t (x)')"]:
+                assert_stopped(run(box, attack + "\n" + WRONG))
+                _check_canary(canary, 0o666)
+            assert sorted(os.listdir(visible_dir)) == ["canary.txt"]
+        elif layer == "uid":
+            res = box.run_programs([FORGE_REPLY, "pass"], timeout=3.0)
+            assert [r["passed"] for r in res] == [False, True], res
+            res = run(box, "import os\nopen(f'/proc/{os.getppid()}/environ', 'rb').read()")
+            assert res["result"].startswith(("failed: PermissionError", "failed: FileNotFoundError")), res
+        elif layer == "mountns_read_only":  # a root child, no Landlock: the read-only mounts hold
+            canary = os.path.join(visible_dir, "canary.txt")
+            with open(canary, "w") as f:
+                f.write("precious")
+            os.chmod(canary, 0o666)
+            for attack in _canary_attacks(canary) + [RACE.format(outside=visible_dir)]:
+                assert_stopped(run(box, attack + "\n" + WRONG))
+                _check_canary(canary, 0o666)
+            assert run(box, "open('/dev/null', 'w').write('x')")["passed"]
+        else:
+            res = run(box, "import os\nn = 0\nwhile True:\n    os.symlink('x' * 4000, f'l{n}')\n    n += 1",
+                      timeout=10.0)
+            assert res["result"].startswith("failed: OSError: [Errno 28]"), res  # ENOSPC: the bound
+        assert_healthy(box)
