@@ -459,7 +459,9 @@ def setup_mount_namespace(tmpfs_mb):
     * /proc is mounted afresh with hidepid=invisible: a child sees only processes it may trace;
     * every other mount becomes read-only (_remount_read_only).
 
-    Returns the workspace directory (/tmp). Raises OSError when the namespace cannot be set up."""
+    Returns (the workspace directory /tmp, None or why some mount stayed writable). Raises
+    OSError when the private tmpfs cannot be set up (before it, only the interpreter's view may
+    have been mounted, which is harmless)."""
     _mount(None, "/", None, MS_REC | MS_PRIVATE)
     by_blocker = {}
     for path in _interpreter_dirs():
@@ -485,20 +487,22 @@ def setup_mount_namespace(tmpfs_mb):
     work = "/tmp"
     _mount("tmpfs", work, "tmpfs", MS_NOSUID | MS_NODEV,
            f"size={int(tmpfs_mb)}m,nr_inodes=16384,mode=0711")
+    unbound = []
     for target in ("/dev/shm", "/var/tmp"):
         if os.path.isdir(target):
             inside = os.path.join(work, "." + target.strip("/").replace("/", "-"))
             os.mkdir(inside)
             os.chmod(inside, 0o1777)
-            _mount(inside, target, None, MS_BIND)
+            try:
+                _mount(inside, target, None, MS_BIND)
+            except OSError:
+                unbound.append(target)
     try:
         _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, "hidepid=invisible")
     except OSError:
         pass  # (inside a user namespace without a pid namespace of its own, for instance)
-    failed = _remount_read_only(keep=(work, "/dev/shm", "/var/tmp"))
-    if failed:
-        raise OSError(errno.EPERM, f"could not make {failed[0]} read-only (and {len(failed) - 1} more)")
-    return work
+    failed = unbound + _remount_read_only(keep=[work] + [t for t in ("/dev/shm", "/var/tmp") if t not in unbound])
+    return work, (f"{failed[0]} (and {len(failed) - 1} more) stayed writable" if failed else None)
 
 
 _MOUNT_FLAGS = {"nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC,
@@ -950,11 +954,14 @@ def zygote_main():
     layers = tuple(config["layers"])
     dumpable = sys.platform == "linux" and _prctl(PR_SET_DUMPABLE, 0) == 0
     got = new_namespaces("mountns" in layers, "netns" in layers)
-    notes, work = {}, config["base"]
+    notes, work, readonly = {}, config["base"], False
     if "mountns" in got:
         try:
-            work = setup_mount_namespace(config["tmpfs_mb"])
-        except OSError as e:
+            work, why = setup_mount_namespace(config["tmpfs_mb"])
+            readonly = why is None
+            if why:
+                notes["readonly"] = why
+        except Exception as e:  # noqa: BLE001 (any failure here: run without the layer)
             got.discard("mountns")
             notes["mountns"] = str(e)
     os.chdir("/")
@@ -974,7 +981,8 @@ def zygote_main():
             notes[layer] = "namespaces not allowed here"
     info = {"guard": "guard" in layers, "seccomp": False, "landlock": abi, "uid": uid,
             "mountns": "mountns" in got, "tmpfs_mb": config["tmpfs_mb"] if "mountns" in got else None,
-            "netns": "netns" in got, "nondumpable": dumpable, "subreaper": subreaper, "notes": notes}
+            "readonly": readonly, "netns": "netns" in got, "nondumpable": dumpable,
+            "subreaper": subreaper, "notes": notes}
     z = {"work": work, "out_fd": out_fd, "uid": uid, "layers": layers, "info": info,
          "notes": notes, "nonce": nonce, "keep": ()}
     _probe(z, config)
@@ -1006,10 +1014,11 @@ def _valid_reply(reply, frac):
 def describe_isolation(info):
     """One line: the isolation layers in force, and those off with the reason."""
     on = []
-    for layer in LAYERS + ("nondumpable", "subreaper"):
+    for layer in LAYERS[:4] + ("readonly",) + LAYERS[4:] + ("nondumpable", "subreaper"):
         if info.get(layer):
             extra = {"landlock": f" (ABI {info['landlock']})",
                      "mountns": f" (private /tmp, /dev/shm, /var/tmp: {info['tmpfs_mb']} MB)",
+                     "readonly": " (every other mount)",
                      "uid": f" (a uid of its own per program, from {info['uid']})"}.get(layer, "")
             on.append(layer + extra)
     off = [f"{layer} ({why})" for layer, why in info.get("notes", {}).items()]
@@ -1136,7 +1145,8 @@ class Sandbox:
             self.close()
             raise
         self.isolation = dict(self.workers[0].info)
-        self.in_force = [layer for layer in LAYERS + ("nondumpable", "subreaper") if self.isolation.get(layer)]
+        self.in_force = [layer for layer in LAYERS + ("readonly", "nondumpable", "subreaper")
+                         if self.isolation.get(layer)]
         missing = [layer for layer in self.layers if not self.isolation.get(layer)]
         if missing and not _warned:
             _warned.append(True)
