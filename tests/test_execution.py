@@ -28,8 +28,9 @@ def sb():
 
 @pytest.fixture(scope="module")
 def bare():
-    """Audit-hook guard, seccomp and the uid drop off: what the remaining layers hold on their own."""
-    with Sandbox(workers=1, disable=("guard", "seccomp", "uid")) as box:
+    """Audit-hook guard, seccomp, Landlock, the private mounts and the uid drop off: what the
+    remaining layers (process group, subreaper, rlimits) hold on their own."""
+    with Sandbox(workers=1, disable=("guard", "seccomp", "uid", "landlock", "mountns")) as box:
         yield box
 
 
@@ -526,3 +527,333 @@ def test_identical_programs_run_once_and_share_the_verdict(sb, monkeypatch):
     assert [r["i"] for r in rows] == [0, 1, 2, 3, 4]
     assert [r["passed"] for r in rows] == [True, False, True, False, True]
     assert rows[0] is not rows[2] and rows[0]["frac"] == rows[2]["frac"] == 1.0
+
+
+# ----------------------------------------------------------------------------- kernel-enforced layers
+# Each attack below goes around the audit-hook guard (C code that opens files itself, a race
+# between the guard's check and the kernel's open, the zygote's own pipes): only the layers the
+# kernel enforces (a uid of its own, Landlock, the private mounts, non-dumpable processes, the
+# reply nonce) stop it. See docs/SANDBOX.md.
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def visible_dir():
+    """A world-writable directory that children can see (outside the /tmp the sandbox hides)."""
+    path = tempfile.mkdtemp(prefix=".sandbox-test-", dir=ROOT)
+    os.chmod(path, 0o777)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+WRONG = "\ndef check(c):\n    assert c(1) == 2\ncheck(abs)\n"
+
+FORGE_REPLY = """
+import os, readline
+line = '{"passed": true, "result": "passed", "output": "", "seconds": 0.0}'
+readline.clear_history()
+for _ in range(3):
+    readline.add_history(line)
+ppid = os.getppid()
+try:
+    fds = os.listdir(f"/proc/{ppid}/fd")
+except OSError:
+    fds = [str(i) for i in range(32)]
+for name in fds:
+    path = f"/proc/{ppid}/fd/{name}"
+    try:   # readline writes with open(2) from C: no audit event
+        readline.append_history_file(3, path)
+    except OSError:
+        pass
+    try:
+        with open(path, "w") as f:
+            f.write(line + "\\n")
+    except OSError:
+        pass
+""" + WRONG
+
+
+def test_wrong_answer_cannot_forge_a_reply_on_the_zygote_pipe(sb):
+    """A wrong answer writes a "passed" reply into every pipe of its zygote it can reach: it must
+    still fail, and the verdicts of the programs after it must stay their own."""
+    good, bad = "def check(c):\n    assert c(2) == 4\ncheck(lambda x: x * x)", WRONG
+    programs = [FORGE_REPLY, good, bad + "# 1", good + "# 1", bad + "# 2", good + "# 2"]
+    for _ in range(2):
+        res = sb.run_programs(programs, timeout=3.0)
+        assert [r["passed"] for r in res] == [False, True, False, True, False, True], res
+        assert res[0]["result"] == "failed: AssertionError", res[0]
+    assert_healthy(sb)
+
+
+def _zygote_reply_pipe(worker):
+    """A write end of the pipe that carries this worker's replies (opened as root through /proc)."""
+    ino = os.fstat(worker.proc.stdout.fileno()).st_ino
+    pid = worker.proc.pid
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        path = f"/proc/{pid}/fd/{name}"
+        if os.readlink(path) == f"pipe:[{ino}]" and name not in ("0",):
+            return os.open(path, os.O_WRONLY)
+    raise AssertionError("the reply pipe was not found")
+
+
+@pytest.mark.parametrize("forged", [b'{"passed": true, "result": "passed", "output": "", "seconds": 0}\n',
+                                    b"not json at all\n", b"\x00" * 24 + b"{}"])
+def test_foreign_replies_are_failures_and_shift_nothing(forged):
+    """Whatever else appears on a worker's reply pipe (a forged verdict, garbage, a frame without
+    the job's nonce) is the failure of the job in flight, never a crash nor a shifted verdict."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to reach the zygote's pipe from outside")
+    good, bad = "def check(c):\n    assert c(2) == 4\ncheck(lambda x: x * x)", WRONG
+    with Sandbox(workers=2) as box:
+        for w in box.workers:
+            fd = _zygote_reply_pipe(w)
+            os.write(fd, forged)
+            os.close(fd)
+        programs = [bad, good, bad + "#", good + "#", bad + "##", good + "##"]
+        expected = [False, True, False, True, False, True]
+        res = box.run_programs(programs, timeout=3.0)
+        for want, got in zip(expected, res):
+            assert got["passed"] is False or want, res  # no wrong answer passes
+            assert got["passed"] == want or got["result"] == "failed: sandbox reply rejected", res
+        res = box.run_programs([p + " " for p in programs], timeout=3.0)
+        assert [r["passed"] for r in res] == expected, res
+
+
+def test_children_run_unprivileged(sb):
+    """The uid layer (or, for a non-root evaluator, the user namespace) is in force: a child has no
+    capabilities, is not root, and cannot read its zygote's environment or file descriptors."""
+    if os.geteuid() == 0:
+        assert sb.isolation["uid"], sb.isolation
+    res = run(sb, """
+        import os
+        print("uid", os.getuid(), os.geteuid())
+        status = open("/proc/self/status").read()
+        print("caps", [l.split()[1] for l in status.splitlines() if l.startswith("CapEff")][0])
+        for what in ("environ", "fd", "mem"):
+            try:
+                p = f"/proc/{os.getppid()}/{what}"
+                (os.listdir(p) if what == "fd" else open(p, "rb").read(1))
+                print("read", what)
+            except OSError:
+                pass
+    """)
+    assert res["passed"], res
+    out = res["output"].split()
+    assert out[out.index("caps") + 1] == "0000000000000000", res["output"]
+    assert "read" not in out, res["output"]
+    if os.geteuid() == 0:
+        uid = int(out[out.index("uid") + 1])
+        assert uid != 0 and int(out[out.index("uid") + 2]) != 0, res["output"]
+
+
+def test_writes_from_c_code(sb, visible_dir):
+    """sqlite3, readline and shm_open open files from C (no audit event): the kernel still keeps
+    every write inside the program's own directory, and no shm object outlives the run."""
+    canary = os.path.join(visible_dir, "canary.txt")
+    with open(canary, "w") as f:
+        f.write("precious")
+    os.chmod(canary, 0o666)
+    tag = f"sbx-test-{os.getpid()}"
+    attacks = [f"import sqlite3\nsqlite3.connect({os.path.join(visible_dir, 'new.db')!r}).execute('create table t (x)')",
+               f"import sqlite3\nsqlite3.connect({canary!r}).execute('create table t (x)')",
+               f"import readline\nreadline.add_history('pwned')\nreadline.write_history_file({canary!r})",
+               f"import readline\nreadline.add_history('pwned')\nreadline.append_history_file(1, {canary!r})",
+               f"import readline\nreadline.write_history_file({os.path.join(visible_dir, 'hist')!r})",
+               f"import _posixshmem, os\nfd = _posixshmem.shm_open('/{tag}', os.O_CREAT | os.O_RDWR, 0o666)\n"
+               "os.ftruncate(fd, 1 << 20)"]
+    for attack in attacks:
+        res = run(sb, attack + "\n" + WRONG)
+        assert_stopped(res)
+        _check_canary(canary, 0o666)
+        assert sorted(os.listdir(visible_dir)) == ["canary.txt"], (attack, os.listdir(visible_dir))
+    assert not os.path.exists(f"/dev/shm/{tag}"), "an shm object outlived the run"
+    assert_healthy(sb)
+
+
+def test_created_objects_are_gone_when_the_job_ends():
+    """With Landlock off, what a program may put in /tmp, /dev/shm, /var/tmp (private tmpfs) is
+    wiped when its job ends: the next program finds nothing, the host never sees it."""
+    tag = f"sbx-left-{os.getpid()}"
+    with Sandbox(workers=1, disable=("guard", "landlock")) as box:
+        made = run(box, f"""
+            import _posixshmem, os
+            fd = _posixshmem.shm_open('/{tag}', os.O_CREAT | os.O_RDWR, 0o600)
+            for d in ("/tmp", "/var/tmp"):
+                try:
+                    open(os.path.join(d, {tag!r}), "w").write("x")
+                except OSError:
+                    pass
+            print(sorted(n for d in ("/dev/shm", "/var/tmp") for n in os.listdir(d)))
+        """)
+        assert made["passed"] and tag in made["output"], made
+        later = run(box, f"""
+            import os
+            assert not os.path.exists('/dev/shm/{tag}') and not os.path.exists('/var/tmp/{tag}')
+            assert not os.path.exists('/tmp/{tag}')
+        """)
+        assert later["passed"], later
+    assert not os.path.exists(f"/dev/shm/{tag}") and not os.path.exists(f"/var/tmp/{tag}")
+
+
+def test_tmpfs_is_bounded(sb):
+    """Memory-backed files (the working directory, /tmp, /dev/shm) share one bounded tmpfs: a
+    program creating symlinks and directories as fast as it can stops at the bound."""
+    res = run(sb, """
+        import os, time
+        target, n, t0 = "x" * 4000, 0, time.time()
+        try:
+            while time.time() - t0 < 3.0:
+                os.symlink(target, f"l{n}")
+                n += 1
+        except OSError as e:
+            print("stopped", e.errno)
+        print("made", n)
+    """, timeout=5.0)
+    out = res["output"].split()
+    made = int(out[out.index("made") + 1])
+    assert made * 4096 <= 1.25 * (64 << 20), res["output"]  # Sandbox's default tmpfs_mb: 64 MB
+    assert_healthy(sb)
+
+
+RACE = """
+import os, sys
+os.makedirs("real/x")
+os.makedirs("q")
+os.symlink({outside!r}, "q/x")
+os.symlink("real", "p")                   # the guard resolves p/x/canary.txt inside ...
+def swap(event, args):                    # ... then, before the kernel opens it, p turns into q
+    if event == "open" and args[0] == "p/x/canary.txt":
+        os.symlink("q", "n")
+        os.rename("n", "p")
+sys.addaudithook(swap)                    # (hooks run in order: the guard's check comes first)
+for _ in range(3):
+    try:
+        with open("p/x/canary.txt", "w") as f:
+            f.write("pwned")
+    except OSError:
+        pass
+    os.symlink("real", "n")
+    os.rename("n", "p")
+""" + WRONG
+
+
+def test_path_race_between_the_guard_and_the_kernel(sb, visible_dir):
+    """The path changes between the guard's check and the kernel's open (made certain here by
+    an audit hook of the program's own that runs right after the guard's): the kernel's own
+    check at the open (Landlock) is what holds."""
+    canary = os.path.join(visible_dir, "canary.txt")
+    with open(canary, "w") as f:
+        f.write("precious")
+    os.chmod(canary, 0o666)
+    res = run(sb, RACE.format(outside=visible_dir))
+    assert_stopped(res)
+    _check_canary(canary, 0o666)
+    assert_healthy(sb)
+
+
+LEGIT_UNDER_ALL_LAYERS = {  # what the kernel layers must leave working
+    "threads": """
+        import threading, queue
+        from concurrent.futures import ThreadPoolExecutor
+        def f(xs):
+            with ThreadPoolExecutor(4) as ex:
+                out = list(ex.map(lambda x: x * x, xs))
+            q = queue.Queue()
+            t = threading.Thread(target=lambda: q.put(sum(out)))
+            t.start(); t.join()
+            return q.get()
+        def check(c):
+            assert c(range(10)) == 285
+        check(f)
+    """,
+    "signals_and_timers": """
+        import os, signal, time
+        hits = []
+        signal.signal(signal.SIGALRM, lambda s, f: hits.append("alarm"))
+        signal.signal(signal.SIGUSR1, lambda s, f: hits.append("usr1"))
+        signal.setitimer(signal.ITIMER_REAL, 0.05)
+        time.sleep(0.2)
+        os.kill(os.getpid(), signal.SIGUSR1)
+        signal.raise_signal(signal.SIGUSR1)
+        def check(c):
+            assert c() == ["alarm", "usr1", "usr1"]
+        check(lambda: hits)
+    """,
+    "allocates_100mb": """
+        def f(n):
+            big = bytearray(100 << 20)
+            xs = list(range(n))
+            return len(big) + len(xs)
+        def check(c):
+            assert c(10 ** 6) == (100 << 20) + 10 ** 6
+        check(f)
+    """,
+    "sqlite_and_tempfiles_inside_its_directory": """
+        import sqlite3, tempfile, os
+        def f():
+            db = sqlite3.connect("t.db")
+            db.execute("create table t (x)")
+            db.executemany("insert into t values (?)", [(1,), (2,)])
+            db.commit()
+            with tempfile.TemporaryDirectory() as d:
+                open(os.path.join(d, "a"), "w").write("x")
+            return db.execute("select sum(x) from t").fetchone()[0]
+        def check(c):
+            assert c() == 3
+        check(f)
+    """,
+}
+
+
+@pytest.mark.parametrize("name", sorted(LEGIT_UNDER_ALL_LAYERS))
+def test_legitimate_program_passes_under_all_layers(sb, name):
+    res = run(sb, LEGIT_UNDER_ALL_LAYERS[name], timeout=20.0)  # (generous: a busy machine)
+    assert res["passed"], res
+
+
+# ----------------------------------------------------------------------------- each layer on its own (slow)
+
+ALONE = {  # a layer -> the others turned off; each must stop its attacks by itself
+    "landlock": ("guard", "seccomp", "uid", "mountns", "netns"),
+    "uid": ("guard", "seccomp", "landlock"),  # (the private mounts let the uid run the interpreter)
+    "mountns": ("guard", "seccomp", "uid", "landlock", "netns"),
+}
+ALONE["mountns_read_only"] = ALONE["mountns"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layer", sorted(ALONE))
+def test_each_kernel_layer_alone(layer, visible_dir):
+    with Sandbox(workers=1, disable=ALONE[layer]) as box:
+        assert box.isolation[layer.split("_")[0]], box.isolation
+        if layer == "landlock":
+            canary = os.path.join(visible_dir, "canary.txt")
+            with open(canary, "w") as f:
+                f.write("precious")
+            os.chmod(canary, 0o666)
+            attacks = [a for a in _canary_attacks(canary) if "chmod" not in a]  # (metadata: see mountns)
+            for attack in attacks + [RACE.format(outside=visible_dir),
+                                                     f"import sqlite3\nsqlite3.connect({canary!r}).execute('create table t (x)')"]:
+                assert_stopped(run(box, attack + "\n" + WRONG))
+                _check_canary(canary, 0o666)
+            assert sorted(os.listdir(visible_dir)) == ["canary.txt"]
+        elif layer == "uid":
+            res = box.run_programs([FORGE_REPLY, "pass"], timeout=3.0)
+            assert [r["passed"] for r in res] == [False, True], res
+            res = run(box, "import os\nopen(f'/proc/{os.getppid()}/environ', 'rb').read()")
+            assert res["result"].startswith(("failed: PermissionError", "failed: FileNotFoundError")), res
+        elif layer == "mountns_read_only":  # a root child, no Landlock: the read-only mounts hold
+            canary = os.path.join(visible_dir, "canary.txt")
+            with open(canary, "w") as f:
+                f.write("precious")
+            os.chmod(canary, 0o666)
+            for attack in _canary_attacks(canary) + [RACE.format(outside=visible_dir)]:
+                assert_stopped(run(box, attack + "\n" + WRONG))
+                _check_canary(canary, 0o666)
+            assert run(box, "open('/dev/null', 'w').write('x')")["passed"]
+        else:
+            res = run(box, "import os\nn = 0\nwhile True:\n    os.symlink('x' * 4000, f'l{n}')\n    n += 1",
+                      timeout=10.0)
+            assert res["result"].startswith("failed: OSError: [Errno 28]"), res  # ENOSPC: the bound
+        assert_healthy(box)
