@@ -44,7 +44,7 @@ multiprocessing approach) is slow. Instead `Sandbox` starts a few small *zygote*
 common stdlib modules pre-imported) that receive programs over a pipe and os.fork() one child
 per program. One Sandbox can be reused across calls (PPO scores rollouts every iteration).
 
-The fraction of the test's asserts that pass (the labeler's ranking signal, DESIGN.md "The
+The fraction of the test's asserts that pass (the labeler's ranking signal, docs/DESIGN.md "The
 labeler") comes from the same run: with `frac=True`, every top-level statement of check()'s body
 that contains an `assert` is one test case, run inside its own try/except so that later cases
 still run after one fails. The verdict (`passed`, `result`) is still the one the unmodified
