@@ -21,7 +21,7 @@ def test_run_sh_small_smoke(tmp_path):
     assert run.returncode == 0, run.stderr[-4000:]
     results = json.loads((out / "results.json").read_text())
     assert results["preset"] == "small" and results["tokenizer"]["vocab_size"] == 16384
-    assert set(results["models"]) == {"base", "sft", "ppo", "ppo_ptx"}
+    assert set(results["models"]) == {"base", "sft", "ppo", "ppo_ptx", "ppo_exec"}
     for name, m in results["models"].items():
         assert 0.0 <= m["pass@1"] <= 1.0 and m["val_loss"] > 0, name
     assert {"kl", "rm_score"} <= set(results["models"]["ppo"])
@@ -40,6 +40,9 @@ def test_run_sh_small_smoke(tmp_path):
     ppo_cfg = torch.load(out / "ppo_ptx.pt", weights_only=False)["config"]
     assert ppo_cfg["max_new_tokens"] == 128 and ppo_cfg["workers"] == 8 and ppo_cfg["ptx_block_size"] == 256
     assert ppo_cfg["batch_size"] % ppo_cfg["minibatch_size"] == 0 and ppo_cfg["ptx_coef"] > 0
+    exec_cfg = torch.load(out / "ppo_exec.pt", weights_only=False)["config"]
+    assert exec_cfg["reward"] == "exec" and exec_cfg["ptx_coef"] == 0 and exec_cfg["samples_per_prompt"] == 4
+    assert results["models"]["ppo_exec"]["climb"]["of"] == "gold_frac"
     samples = [json.loads(line) for line in (out / "eval" / "ppo_ptx_samples.jsonl").read_text().splitlines()]
     assert samples and all("completion" in s for s in samples)
     print(f"run.sh small --smoke: {results['seconds']}")
