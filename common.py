@@ -156,6 +156,20 @@ def require(path, hint):
     return path
 
 
+def load_model(path, device, head, hint, what):
+    """(model, checkpoint) at path, whose head must be `head` ("lm" or "scalar"); a one-line error if
+    the file is missing (with `hint`), is not a flywheel checkpoint, or has another head (not `what`)."""
+    from model import load_checkpoint
+    require(path, hint)
+    try:
+        model, ckpt = load_checkpoint(path, device)
+    except ValueError as e:
+        die(str(e))
+    if model.config.head != head:
+        die(f"{path} is a {model.config.head}-head model, not {what}")
+    return model, ckpt
+
+
 def pyplot():
     """matplotlib.pyplot with the file-only Agg backend, or None when matplotlib is not installed:
     figures are optional, and every stage that draws one skips it without matplotlib."""

@@ -462,14 +462,8 @@ def sample_run(model, enc, problems, n, temperature, cfg, rt, sandbox, ks, timeo
 
 def load_lm(path, device, like=None):
     """(model, checkpoint) of the language model at path, with the tokenizer of checkpoint `like`."""
-    from model import load_checkpoint
-    common.require(path, "train it first (run.sh lists the stages)")
-    try:
-        model, ckpt = load_checkpoint(path, device)
-    except ValueError as e:
-        common.die(str(e))
-    if model.config.head != "lm":
-        common.die(f"{path} is a {model.config.head}-head model; sampling needs a language model")
+    model, ckpt = common.load_model(path, device, "lm", "train it first (run.sh lists the stages)",
+                                    "a language model (sampling needs one)")
     if like is not None and ckpt["tokenizer"] != like["tokenizer"]:
         common.die(f"{path} was trained with a different tokenizer")
     return model, ckpt

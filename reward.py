@@ -505,14 +505,8 @@ def train(cfg, out_dir, comparisons=None):
 
 def load_reward_model(path, device):
     """(model, checkpoint) of the reward model at path; a one-line error if it is missing or is not one."""
-    common.require(path, "run `python reward.py` first to train the reward model")
-    try:
-        rm, ckpt = load_checkpoint(path, device)
-    except ValueError as e:
-        common.die(str(e))
-    if rm.config.head != "scalar":
-        common.die(f"{path} is not a reward model (head {rm.config.head!r})")
-    return rm, ckpt
+    return common.load_model(path, device, "scalar", "run `python reward.py` first to train the reward model",
+                             "a reward model")
 
 
 def score_file(samples_path, problems_path, ckpt_path, output, device="cpu", ctx=nullcontext):
