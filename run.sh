@@ -169,7 +169,7 @@ for (( R = 2; R <= ROUNDS; R++ )); do
   for (( Q = 2; Q < R; Q++ )); do CMPS=$CMPS,$OUT/comparisons_r$Q.jsonl; done
   stage reward$SUF reward python reward.py $O $X_RM --round=$R --policy="$OUT/ppo$PSUF.pt" \
       --comparisons "$CMPS" --prev_rm="$OUT/rm$PSUF.pt"
-  stage ppo$SUF ppo python ppo.py $O $X_PPO --ptx_coef=0 --run_name=ppo$SUF --init="$OUT/ppo$PSUF.pt" \
+  stage ppo$SUF ppo python ppo.py $O $X_PPO --ptx_coef=0 $RM_PPO --run_name=ppo$SUF --init="$OUT/ppo$PSUF.pt" \
       --ref="$OUT/sft.pt" --rm="$OUT/rm$SUF.pt" $(resume_flag "$OUT/ppo$SUF.pt")
   stage eval_ppo$SUF evaluate python evaluate.py --preset "$PRESET" --ckpt "$OUT/ppo$SUF.pt" $EVAL --model_name ppo$SUF \
       --ref "$OUT/sft.pt"
