@@ -94,14 +94,14 @@ class Config:
     reward_norm: bool = True      # --reward=rm: the RM score in units of its spread over the reference's samples
     norm_samples: int = 256       # reference samples that set the normalisation (mean 0, std 1)
     # PPO
-    ppo_epochs: int = 2
+    ppo_epochs: int = 1           # passes over each rollout batch (2 halved the rollouts that fit tiny's budget)
     minibatch_size: int = 64
     gamma: float = 1.0
     lam: float = 0.95
     clip: float = 0.2             # policy ratio clip epsilon
     clip_value: float = 0.2       # value clip, around the rollout's values
     vf_coef: float = 0.1
-    lr: float = 5e-5              # policy (AdamW)
+    lr: float = 1e-4              # policy (AdamW)
     value_lr: float = 2e-4        # value model (its own AdamW: with Adam, vf_coef barely matters, this does)
     warmup_iters: int = 2
     min_lr_ratio: float = 1.0     # 1.0 = constant after warmup
