@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # flywheel: the whole Codex + InstructGPT chain for one preset, ending in out/<preset>/results.json
 # (with 95% intervals and paired comparisons) and out/<preset>/figures/.
-#   bash run.sh                      # tiny: CPU, 21-22 minutes on the 2-core machine measured (README)
+#   bash run.sh                      # tiny: CPU, ~22 minutes on the 2-core machine measured (README)
 #   bash run.sh small                # one GPU
 #   bash run.sh tiny --rounds 2      # iterate comparisons -> reward model -> PPO once more (the flywheel)
 #   bash run.sh tiny --resume        # skip the stages that finished, continue an interrupted one

@@ -63,6 +63,7 @@ def main():
                               iterations=args.iterations, eval_iters=0, run_name="bench_logprob_reuse")
     ppo.rollout = rollout_and_recompute
     history = ppo.train(cfg, Path(args.out_dir), record=False)
+    (Path(args.out_dir) / f"{cfg.run_name}.pt").unlink(missing_ok=True)  # (a checkpoint of no use)
     rows = []
     for row, (t_extra, diff) in zip(history, extra):
         t_iter = sum(row["seconds"].values())
